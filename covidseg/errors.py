@@ -1,0 +1,37 @@
+"""Exceptions raised by covidseg.
+
+Every error names the file it is about and the problem, on one line, so that the CLI can print
+it as ``covidseg: error: <message>`` without a traceback.
+"""
+
+from __future__ import annotations
+
+from os import PathLike
+
+__all__ = ["CovidsegError", "DataError", "DownloadError", "CheckpointError"]
+
+
+class CovidsegError(Exception):
+    """Base class: a problem the user can fix, reported on one line.
+
+    Args:
+        path: The file or folder the problem is about (``None`` if it is about none).
+        problem: What is wrong with it, as a short phrase.
+    """
+
+    def __init__(self, path: str | PathLike | None, problem: str):
+        self.path = None if path is None else str(path)
+        self.problem = " ".join(str(problem).split())  # always a single line
+        super().__init__(self.problem if self.path is None else f"{self.path}: {self.problem}")
+
+
+class DataError(CovidsegError):
+    """A CT study, mask, registry or data folder that cannot be used as it is."""
+
+
+class DownloadError(CovidsegError):
+    """A download that failed or did not verify."""
+
+
+class CheckpointError(CovidsegError):
+    """A checkpoint that is missing, damaged, unsafe or made for another model or config."""

@@ -1,0 +1,189 @@
+"""Reading and writing NIfTI volumes, with their orientation taken from the affine.
+
+All volumes are brought to one working orientation, :data:`WORKING_ORIENTATION` (``LAS``, the
+orientation MosMedData is stored in), with nibabel's orientation tools rather than hard-coded
+rotations. The third array axis is then always the axial (inferior to superior) one.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+from nibabel import orientations
+
+from .errors import DataError
+
+__all__ = [
+    "WORKING_ORIENTATION",
+    "Volume",
+    "load_volume",
+    "save_volume",
+    "orientation_of",
+    "check_same_grid",
+]
+
+WORKING_ORIENTATION = ("L", "A", "S")
+"""Axis codes every loaded volume is reoriented to: axis 0 runs to the patient's left, axis 1
+to anterior, axis 2 to superior (so ``array[:, :, k]`` is an axial slice)."""
+
+AFFINE_TOLERANCE_MM = 1e-2
+"""Largest difference, in mm, between a study's and its mask's affine that still counts as the same
+voxel grid."""
+
+
+@dataclass(frozen=True)
+class Volume:
+    """A 3D volume in the working orientation.
+
+    Attributes:
+        array: The voxels, shape ``(X, Y, Z)``, in :data:`WORKING_ORIENTATION`.
+        affine: The 4x4 voxel-to-world (RAS+, mm) matrix of ``array``.
+        header: The NIfTI header as read from the file (geometry of the file on disk).
+        path: The file it came from.
+        file_affine: The affine of the file on disk, before reorientation.
+    """
+
+    array: np.ndarray
+    affine: np.ndarray
+    header: nib.Nifti1Header
+    path: Path
+    file_affine: np.ndarray
+
+    @property
+    def spacing(self) -> tuple[float, float, float]:
+        """Voxel size in mm along the three array axes."""
+        return tuple(float(s) for s in np.sqrt((self.affine[:3, :3] ** 2).sum(axis=0)))
+
+    def to_file_orientation(self, array: np.ndarray) -> np.ndarray:
+        """Return ``array`` (in the working orientation, same shape as :attr:`array`) reoriented
+        back to the orientation of the file on disk."""
+        transform = orientations.ornt_transform(
+            orientations.axcodes2ornt(WORKING_ORIENTATION), orientations.io_orientation(self.file_affine)
+        )
+        return orientations.apply_orientation(array, transform)
+
+
+def orientation_of(affine: np.ndarray) -> tuple[str, str, str]:
+    """Axis codes (e.g. ``('L', 'A', 'S')``) of a voxel-to-world affine."""
+    return tuple(nib.aff2axcodes(affine))
+
+
+def load_volume(path: str | os.PathLike, dtype=None) -> Volume:
+    """Load a 3D NIfTI file and reorient it to :data:`WORKING_ORIENTATION`.
+
+    Args:
+        path: A ``.nii`` or ``.nii.gz`` file.
+        dtype: The numpy dtype of the returned array; by default the file's on-disk type
+            (``int16`` for MosMedData), so no scaling or float copy is made.
+
+    Returns:
+        The :class:`Volume`.
+
+    Raises:
+        DataError: If the file is missing, truncated, not NIfTI, not 3D, or holds NaN or inf.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(path, "file not found")
+    try:
+        image = nib.load(path)
+    except Exception as exc:  # nibabel raises many types for foreign files
+        raise DataError(path, f"not a readable NIfTI file ({_reason(exc)})") from None
+    if not isinstance(image, (nib.Nifti1Image, nib.Nifti2Image)):
+        raise DataError(path, f"not a NIfTI file (nibabel read it as {type(image).__name__})")
+    if image.ndim != 3:
+        raise DataError(path, f"expected a 3D volume, found {image.ndim}D with shape {image.shape}")
+    try:
+        raw = np.asanyarray(image.dataobj)
+    except (EOFError, OSError, ValueError, zlib.error) as exc:
+        raise DataError(path, f"truncated or corrupt data ({_reason(exc)})") from None
+    if dtype is not None:
+        raw = raw.astype(dtype, copy=False)
+    if raw.dtype.kind == "f" and not np.isfinite(raw).all():
+        bad = int((~np.isfinite(raw)).sum())
+        raise DataError(path, f"{bad} voxels are NaN or infinite")
+    ornt = orientations.ornt_transform(
+        orientations.io_orientation(image.affine), orientations.axcodes2ornt(WORKING_ORIENTATION)
+    )
+    array = np.ascontiguousarray(orientations.apply_orientation(raw, ornt))
+    affine = image.affine @ orientations.inv_ornt_aff(ornt, image.shape)
+    return Volume(array=array, affine=affine, header=image.header, path=path, file_affine=image.affine.copy())
+
+
+def save_volume(array: np.ndarray, like: Volume, path: str | os.PathLike, description: str | None = None) -> Path:
+    """Write ``array`` (working orientation) on the grid of ``like``, atomically.
+
+    The file gets ``like``'s on-disk orientation, affine and header geometry, so it overlays the
+    original study in ITK-SNAP or 3D Slicer. It is written to a temporary file in the same folder
+    and renamed into place, so a failed write never leaves a partial file.
+
+    Args:
+        array: Voxels with the same shape as ``like.array``.
+        like: The volume whose geometry the file takes.
+        path: Where to write (``.nii.gz``).
+        description: Optional text for the header's ``descrip`` field (80 bytes at most).
+
+    Returns:
+        ``path``.
+    """
+    if array.shape != like.array.shape:
+        raise ValueError(f"array shape {array.shape} differs from the reference {like.array.shape}")
+    header = like.header.copy()
+    header.set_data_dtype(array.dtype)
+    if description is not None:
+        header["descrip"] = description.encode()[:79]
+    image = nib.Nifti1Image(like.to_file_orientation(array), like.file_affine, header)
+    image.set_qform(like.file_affine, code=int(like.header["qform_code"]) or 1)
+    image.set_sform(like.file_affine, code=int(like.header["sform_code"]) or 1)
+    image.header["scl_slope"], image.header["scl_inter"] = 1.0, 0.0
+    return write_image_atomically(image, path)
+
+
+def write_image_atomically(image: nib.Nifti1Image, path: str | os.PathLike) -> Path:
+    """Save a nibabel image to ``path`` through a temporary file and a rename.
+
+    Raises:
+        DataError: If the folder is not writable or the disk is full; nothing is left behind.
+    """
+    path = Path(path)
+    suffix = "".join(path.suffixes) or ".nii.gz"
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=suffix)
+        os.close(fd)
+    except OSError as exc:
+        raise DataError(path, f"cannot write here ({exc.strerror or exc})") from None
+    try:
+        nib.save(image, tmp)
+        os.replace(tmp, path)
+    except OSError as exc:
+        raise DataError(path, f"could not be written ({exc.strerror or exc})") from None
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def check_same_grid(study: Volume, mask: Volume) -> None:
+    """Check that a mask lies on its study's voxel grid.
+
+    Raises:
+        DataError: Naming the mask, if the shapes differ or the affines differ by more than
+            :data:`AFFINE_TOLERANCE_MM`.
+    """
+    if study.array.shape != mask.array.shape:
+        raise DataError(mask.path, f"mask shape {mask.array.shape} differs from its study's {study.array.shape}")
+    gap = float(np.abs(study.affine - mask.affine).max())
+    if gap > AFFINE_TOLERANCE_MM:
+        raise DataError(mask.path, f"mask affine differs from its study's by up to {gap:.3g} mm")
+
+
+def _reason(exc: BaseException) -> str:
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if len(text) < 160 else text[:157] + "..."
