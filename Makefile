@@ -1,0 +1,44 @@
+# Two commands on a fresh machine with Python >= 3.10 and pip:
+#   make test   installs everything into .venv and runs the tests and every chapter (quick mode)
+#   make book   installs everything into .venv and builds the executed HTML book in _build/html
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.covidseg-installed
+CHAPTERS := $(sort $(wildcard book/*.md))
+NOTEBOOK_DIR ?= $(or $(TMPDIR),/tmp)/covidseg-nbval
+CELL_TIMEOUT ?= 1800
+
+.PHONY: install test test-unit test-notebooks book sync-notebooks clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e ".[book,test]"
+	$(BIN)/python -m ipykernel install --sys-prefix --name python3 >/dev/null
+	touch $@
+
+test: test-unit test-notebooks
+
+test-unit: install
+	$(BIN)/python -m pytest tests
+
+# Each chapter runs as Colab runs it: converted alone to .ipynb in an empty folder, quick preset.
+test-notebooks: install
+	rm -rf $(NOTEBOOK_DIR) && mkdir -p $(NOTEBOOK_DIR)
+	$(BIN)/jupytext --quiet --to ipynb --output-dir $(NOTEBOOK_DIR) $(CHAPTERS) 2>/dev/null || \
+		for f in $(CHAPTERS); do $(BIN)/jupytext --quiet --to ipynb -o $(NOTEBOOK_DIR)/$$(basename $${f%.md}).ipynb $$f || exit 1; done
+	cd $(NOTEBOOK_DIR) && COVIDSEG_QUICK=1 MPLBACKEND=Agg $(abspath $(BIN))/python -m pytest -p no:cacheprovider \
+		--nbval-lax --nbval-cell-timeout=$(CELL_TIMEOUT) -o addopts="" -o testpaths="" -v $(notdir $(CHAPTERS:.md=.ipynb))
+
+book: install
+	$(BIN)/jupyter-book build --warningiserror --keep-going --path-output . .
+
+# Regenerate the output-free .ipynb twins (the Colab buttons open them) from the MyST sources.
+sync-notebooks: install
+	$(BIN)/jupytext --sync $(CHAPTERS)
+
+clean:
+	rm -rf _build $(NOTEBOOK_DIR)

@@ -1,0 +1,135 @@
+"""Running a trained model: on stacks of slices, on whole studies, and on NIfTI files.
+
+``covidseg predict`` reads any CT study in HU, resamples its slices to the model's size, predicts,
+resamples the probabilities back, thresholds at 0.5 and writes an int16 mask with the input's
+affine and header geometry, so it overlays the study in ITK-SNAP or 3D Slicer.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .checkpoint import load_checkpoint
+from .config import TrainConfig
+from .dataset import from_slices, resize_slices, to_slices
+from .devices import resolve_device
+from .errors import CheckpointError
+from .models import build_model
+from .nifti import load_volume, save_volume
+from .preprocessing import check_hu_range, preprocess_hu
+
+__all__ = ["THRESHOLD", "load_trained_model", "predict_probabilities", "predict_study", "predict_file", "lesion_volume_ml"]
+
+THRESHOLD = 0.5
+"""Probability at or above which a voxel is called lesion."""
+
+PREDICTION_DESCRIPTION = "covidseg lesion mask (GGO + consolidation)"
+
+
+def load_trained_model(run_dir: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, TrainConfig]:
+    """Load the best checkpoint of a run (``best.pt``, else ``last.pt``) into a fresh model.
+
+    Raises:
+        CheckpointError: If the run holds no usable checkpoint.
+    """
+    run_dir = Path(run_dir)
+    path = run_dir / "best.pt" if (run_dir / "best.pt").is_file() else run_dir / "last.pt"
+    if not run_dir.is_dir():
+        raise CheckpointError(run_dir, "run folder not found (train one with 'covidseg train')")
+    state = load_checkpoint(path)
+    config: TrainConfig = state["config"]
+    model = build_model(state["model_name"], encoder_weights=None, width=config.unet_width)
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError as exc:
+        raise CheckpointError(path, f"weights do not fit model {state['model_name']!r} ({str(exc).splitlines()[0]})") from None
+    device = resolve_device(device) if isinstance(device, str) else device
+    return model.to(device).eval(), config
+
+
+@torch.inference_mode()
+def predict_probabilities(
+    model: torch.nn.Module,
+    images: np.ndarray,
+    batch_size: int = 8,
+    device: torch.device | str | None = None,
+    amp: bool = False,
+) -> np.ndarray:
+    """Lesion probabilities for a stack of preprocessed slices.
+
+    Args:
+        model: A model returning one logit map per slice.
+        images: float32 ``(Z, H, W)`` preprocessed slices.
+        batch_size: Slices per forward pass.
+        device: Where to run (default: the model's device).
+        amp: Use mixed precision (CUDA only).
+
+    Returns:
+        float32 ``(Z, H, W)`` probabilities.
+    """
+    device = next(model.parameters()).device if device is None else torch.device(device)
+    was_training = model.training
+    model.eval()
+    out = np.empty(images.shape, dtype=np.float32)
+    autocast = torch.autocast("cuda") if (amp and device.type == "cuda") else contextlib.nullcontext()
+    with autocast:
+        for start in range(0, images.shape[0], batch_size):
+            batch = torch.from_numpy(np.ascontiguousarray(images[start : start + batch_size], dtype=np.float32))
+            logits = model(batch[:, None].to(device, non_blocking=True))
+            out[start : start + batch.shape[0]] = torch.sigmoid(logits.float())[:, 0].cpu().numpy()
+    model.train(was_training)
+    return out
+
+
+def predict_study(model: torch.nn.Module, hu_volume: np.ndarray, image_size: int, batch_size: int = 8) -> np.ndarray:
+    """Binary lesion mask of a whole study.
+
+    Args:
+        model: The trained model (on its device).
+        hu_volume: ``(X, Y, Z)`` intensities in HU, in the working orientation.
+        image_size: The in-plane size the model was trained at.
+        batch_size: Slices per forward pass.
+
+    Returns:
+        uint8 ``(X, Y, Z)`` mask in {0, 1}, on the input's grid.
+    """
+    slices = to_slices(preprocess_hu(hu_volume))
+    native = slices.shape[1:]
+    probabilities = predict_probabilities(model, resize_slices(slices, image_size, "bilinear"), batch_size)
+    probabilities = resize_slices(probabilities, native, "bilinear")
+    return from_slices((probabilities >= THRESHOLD).astype(np.uint8))
+
+
+def lesion_volume_ml(mask: np.ndarray, spacing_mm) -> float:
+    """Volume of a binary mask in millilitres (1 mL = 1000 mm³)."""
+    return float(np.count_nonzero(mask)) * float(np.prod(spacing_mm)) / 1000.0
+
+
+def predict_file(run_dir: str | os.PathLike, in_path: str | os.PathLike, out_path: str | os.PathLike, batch_size: int = 8, device: str = "auto") -> float:
+    """Segment a CT study file and write its mask.
+
+    Args:
+        run_dir: A training run (``covidseg train --out``).
+        in_path: CT study, NIfTI in HU, any in-plane size and orientation.
+        out_path: Where to write the int16 mask (atomically).
+        batch_size: Slices per forward pass.
+        device: ``'auto'``, ``'cpu'``, ``'cuda'`` or ``'mps'``.
+
+    Returns:
+        The predicted lesion volume in mL.
+
+    Raises:
+        DataError: For an unreadable or non-HU input, or an unwritable output.
+        CheckpointError: For a bad run.
+    """
+    model, config = load_trained_model(run_dir, device)
+    volume = load_volume(in_path)
+    check_hu_range(volume.array, volume.path)
+    mask = predict_study(model, volume.array, config.image_size, batch_size)
+    save_volume(mask.astype(np.int16), volume, out_path, description=PREDICTION_DESCRIPTION)
+    return lesion_volume_ml(mask, volume.spacing)

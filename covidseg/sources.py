@@ -1,0 +1,79 @@
+"""Where the data comes from: real MosMedData, or the embedded synthetic phantom.
+
+``--data`` (or the ``data`` argument) wins; otherwise ``COVIDSEG_DATA`` names a MosMedData folder;
+otherwise the phantom is generated on first use into a cache folder and reused. Results always say
+which source they were computed on (:class:`RunCard`), so phantom numbers are never mistaken for
+the thesis'.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from .phantom import ensure_phantom, is_phantom
+
+__all__ = ["DATA_ENV", "REAL", "PHANTOM", "resolve_data_dir", "data_source", "RunCard"]
+
+DATA_ENV = "COVIDSEG_DATA"
+"""Environment variable naming a folder with the real MosMedData (as ``covidseg download`` writes it)."""
+
+REAL = "real MosMedData"
+PHANTOM = "synthetic phantom"
+
+
+def resolve_data_dir(data: str | os.PathLike | None = None, phantom_size: int = 128, progress: bool = True) -> Path:
+    """The dataset folder to use.
+
+    Args:
+        data: An explicit folder; wins over everything.
+        phantom_size: In-plane size of the phantom, used when no real data is named.
+        progress: Show a progress bar if the phantom must be generated.
+    """
+    if data is not None:
+        return Path(data)
+    if os.environ.get(DATA_ENV):
+        return Path(os.environ[DATA_ENV])
+    return ensure_phantom(size=phantom_size, progress=progress)
+
+
+def data_source(root: str | os.PathLike) -> str:
+    """:data:`PHANTOM` for a phantom folder, else :data:`REAL`."""
+    return PHANTOM if is_phantom(root) else REAL
+
+
+@dataclass(frozen=True)
+class RunCard:
+    """What a result was computed on, printed beside every result.
+
+    Attributes:
+        data: :data:`REAL` or :data:`PHANTOM`.
+        model: The model name.
+        device: Where it ran, e.g. ``'cpu'`` or ``'cuda (NVIDIA T4)'``.
+        epochs: Epochs trained.
+        image_size: In-plane size the model saw.
+        seconds: Wall time of the work reported.
+        preset: The config preset.
+    """
+
+    data: str
+    model: str
+    device: str
+    epochs: int
+    image_size: int
+    seconds: float
+    preset: str = "custom"
+
+    def __str__(self) -> str:
+        warning = "  <- NOT the thesis' data: synthetic images" if self.data == PHANTOM else ""
+        return (
+            f"run card | data: {self.data}{warning}\n"
+            f"         | model: {self.model} | preset: {self.preset} | device: {self.device}\n"
+            f"         | epochs: {self.epochs} | image size: {self.image_size} px | time: {self.seconds:.1f} s"
+            f" | host: {platform.machine()}"
+        )
+
+    def to_dict(self) -> dict:
+        return asdict(self)

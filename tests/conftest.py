@@ -1,0 +1,71 @@
+"""Shared fixtures: small NIfTI studies written with nibabel, and the real data in ../shared."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from covidseg.mosmed import Study, mask_path, study_path, write_registry
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+REAL_MASKS = SHARED_DATA / "mosmed-masks"
+MINISEG_PREDICTIONS = SHARED_DATA / "miniseg-mosmed-predictions"
+
+LAS_AFFINE = np.array(
+    [[-0.75, 0, 0, 190.0], [0, 0.75, 0, -190.0], [0, 0, 8.0, -300.0], [0, 0, 0, 1]], dtype=np.float64
+)
+
+
+@pytest.fixture
+def real_masks() -> Path:
+    """The 50 real MosMedData masks, or a skip where ../shared is absent."""
+    if not (REAL_MASKS / "study_0255_mask.nii.gz").is_file():
+        pytest.skip(f"real masks not available (expected ../shared/data/mosmed-masks beside the repository)")
+    return REAL_MASKS
+
+
+def write_nifti(path: Path, array: np.ndarray, affine: np.ndarray = LAS_AFFINE) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image = nib.Nifti1Image(array, affine)
+    image.set_qform(affine, code=1)
+    image.set_sform(affine, code=1)
+    nib.save(image, path)
+    return path
+
+
+def synthetic_ct(shape=(32, 32, 6), seed=0, lesion=True) -> tuple[np.ndarray, np.ndarray]:
+    """A tiny HU volume (air, body, a lung, a lesion) and its mask, for I/O tests."""
+    rng = np.random.default_rng(seed)
+    hu = np.full(shape, -1000, dtype=np.int16)
+    hu[4:-4, 4:-4, :] = 40
+    hu[8:-8, 8:-8, :] = -850
+    hu += rng.integers(-10, 10, size=shape, dtype=np.int16)
+    mask = np.zeros(shape, dtype=np.int16)
+    if lesion:
+        mask[10:14, 12:16, 2:4] = 1
+        hu[mask == 1] = -500
+    return hu, mask
+
+
+def write_tiny_dataset(root: Path, ids=(255, 256, 257), shape=(32, 32, 6), registry=True) -> list[Study]:
+    """A MosMedData-layout folder of tiny CT-1 studies with masks."""
+    studies = []
+    for i, sid in enumerate(ids):
+        hu, mask = synthetic_ct(shape, seed=sid)
+        image = write_nifti(study_path(root, sid, "CT-1"), hu)
+        masks = write_nifti(mask_path(root, sid), mask)
+        studies.append(Study(sid, "CT-1", image, masks))
+    if registry:
+        write_registry(root, studies)
+    return studies
+
+
+@pytest.fixture
+def tiny_dataset(tmp_path) -> Path:
+    root = tmp_path / "mosmed"
+    write_tiny_dataset(root)
+    return root
