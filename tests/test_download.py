@@ -1,0 +1,466 @@
+"""Tests of covidseg.download against a local, deliberately unreliable HTTP mirror.
+
+Everything runs offline: a ThreadingHTTPServer on 127.0.0.1 serves tiny NIfTI files written with
+nibabel, and can be switched per file into failure modes (truncated or corrupted body, connection
+dropped mid-transfer, HTML page, 404, 503, Range ignored, more bytes than announced). Any
+connection to another host fails the test.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import shutil
+import socket
+import subprocess
+import threading
+import time
+import urllib.parse
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from covidseg import download as dl
+from covidseg.errors import DownloadError
+from covidseg.mosmed import REGISTRY_NAME, annotated_studies, discover_studies
+
+IDS = (255, 256, 257)
+SHARED_MASKS = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "mosmed-masks"
+EMPTY_BLOB_SHA1 = "e69de29bb2d1d6434b8b29ae775ad8c2e48c5391"  # `git hash-object /dev/null`
+
+
+def blob_sha1(data: bytes) -> str:
+    """The git blob SHA-1 written out from its definition (independent of the code under test)."""
+    return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
+
+
+# --- the fake mirror ---------------------------------------------------------------------------
+
+
+class FaultyMirror(BaseHTTPRequestHandler):
+    """Serves ``server.root`` with Range support; ``server.faults[path]`` picks a failure mode."""
+
+    def log_message(self, *args):  # keep test output quiet
+        pass
+
+    def do_GET(self):
+        server = self.server
+        path = urllib.parse.unquote(self.path).removeprefix(server.prefix)
+        with server.lock:
+            server.requests.append((path, self.headers.get("Range")))
+            count = sum(1 for p, _ in server.requests if p == path)
+        fault = server.faults.get(path)
+        time.sleep(server.delay)
+        file = server.root / path
+        if fault == "404" or not file.is_file():
+            return self._reply(404, b"404: Not Found", "text/plain")
+        if fault == "503" and count <= 2:
+            return self._reply(503, b"busy", "text/plain")
+        if fault == "html":
+            return self._reply(200, b"<!DOCTYPE html><html><body>Sign in</body></html>", "text/html; charset=utf-8")
+        if fault == "html-body":
+            return self._reply(200, b"\n<html><body>Rate limit</body></html>", "application/octet-stream")
+        data = file.read_bytes()
+        if fault == "truncate":
+            data = data[: len(data) // 2]
+        if fault == "corrupt":
+            middle = len(data) // 2
+            data = data[:middle] + bytes([data[middle] ^ 0xFF]) + data[middle + 1 :]
+        start = None
+        match = re.fullmatch(r"bytes=(\d+)-", self.headers.get("Range") or "")
+        if match and fault != "ignore-range":
+            start = int(match[1])
+            if start >= len(data):
+                return self._reply(416, b"", "text/plain", {"Content-Range": f"bytes */{len(data)}"})
+        status, body, extra = 200, data, {}
+        if start is not None:
+            status, body = 206, data[start:]
+            extra = {"Content-Range": f"bytes {start}-{len(data) - 1}/{len(data)}"}
+        if fault == "drop" and count == 1:  # announce everything, send half, hang up
+            self._headers(status, "application/octet-stream", {**extra, "Content-Length": str(len(body))})
+            self.wfile.write(body[: len(body) // 2])
+            self.wfile.flush()
+            self.connection.shutdown(socket.SHUT_RDWR)
+            self.close_connection = True
+            return
+        if fault == "oversize":  # no Content-Length: the body runs until the connection closes
+            self._headers(status, "application/octet-stream", extra)
+            self.wfile.write(body + b"\0" * 64)
+            self.close_connection = True
+            return
+        self._reply(status, body, "application/octet-stream", extra)
+
+    def _headers(self, status, content_type, extra):
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        for key, value in extra.items():
+            self.send_header(key, value)
+        self.end_headers()
+
+    def _reply(self, status, body, content_type, extra=None):
+        self._headers(status, content_type, {**(extra or {}), "Content-Length": str(len(body))})
+        self.wfile.write(body)
+
+
+class Mirror:
+    """A running fake mirror: its URL, files, manifest and request log."""
+
+    def __init__(self, root: Path, server: ThreadingHTTPServer):
+        self.root = root
+        self.server = server
+        self.url = f"http://127.0.0.1:{server.server_address[1]}{server.prefix.rstrip('/')}"
+        self.data = {p.relative_to(root).as_posix(): p.read_bytes() for p in root.rglob("*.nii.gz")}
+        self.manifest = {path: blob_sha1(data) for path, data in self.data.items()}
+
+    def fault(self, path: str, mode: str) -> None:
+        self.server.faults[path] = mode
+
+    def requests(self, path: str | None = None) -> list[tuple[str, str | None]]:
+        with self.server.lock:
+            return [r for r in self.server.requests if path is None or r[0] == path]
+
+    def download(self, out: Path, **kwargs) -> list[Path]:
+        options = dict(mirror=self.url, ids=IDS, manifest=self.manifest, backoff=0, timeout=5, progress=False)
+        return dl.download(out, **{**options, **kwargs})
+
+
+def write_fake_mirror(root: Path) -> None:
+    """Tiny CT volumes and masks in the mirror's layout (random, so gzip cannot shrink them away)."""
+    rng = np.random.default_rng(0)
+    affine = np.diag([-0.7, 0.7, 8.0, 1.0])
+    for study_id in IDS:
+        image_path, mask_rel = dl.mirror_paths(study_id)
+        ct = rng.integers(-1000, 1000, size=(24, 24, 5), dtype=np.int16)
+        mask = (rng.random((24, 24, 5)) < 0.1).astype(np.int16)
+        for rel, array in ((image_path, ct), (mask_rel, mask)):
+            (root / rel).parent.mkdir(parents=True, exist_ok=True)
+            nib.save(nib.Nifti1Image(array, affine), root / rel)
+
+
+@pytest.fixture(autouse=True)
+def offline(monkeypatch):
+    """No proxies, and a failure for any connection to a host other than 127.0.0.1."""
+    for name in ("http_proxy", "https_proxy", "all_proxy", "HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("no_proxy", "127.0.0.1")
+    real = socket.create_connection
+
+    def local_only(address, *args, **kwargs):
+        assert address[0] == "127.0.0.1", f"test tried to reach {address[0]}"
+        return real(address, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "create_connection", local_only)
+
+
+@pytest.fixture
+def mirror(tmp_path):
+    root = tmp_path / "mirror" / "v1.0"
+    write_fake_mirror(root)
+    server = ThreadingHTTPServer(("127.0.0.1", 0), FaultyMirror)
+    server.daemon_threads = True
+    server.root, server.prefix, server.faults, server.requests = root, "/v1.0/", {}, []
+    server.lock, server.delay = threading.Lock(), 0.0
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.01}, daemon=True)
+    thread.start()
+    try:
+        yield Mirror(root, server)
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()
+
+
+def assert_intact(mirror: Mirror, out: Path) -> None:
+    for path, data in mirror.data.items():
+        assert (out / path).read_bytes() == data, path
+    assert not list(out.rglob("*" + dl.PART_SUFFIX))
+
+
+IMAGE, MASK = dl.mirror_paths(IDS[0])
+
+
+# --- hashing and the manifest ------------------------------------------------------------------
+
+
+def test_git_blob_sha1_of_empty_file_is_gits_empty_blob(tmp_path):
+    (tmp_path / "empty").write_bytes(b"")
+    assert dl.git_blob_sha1(tmp_path / "empty") == EMPTY_BLOB_SHA1
+
+
+def test_git_blob_sha1_equals_git_hash_object(tmp_path):
+    git = shutil.which("git")
+    if git is None:
+        pytest.skip(reason="git is not installed")
+    sample = tmp_path / "sample.bin"
+    sample.write_bytes(np.random.default_rng(1).bytes(3 * dl.CHUNK_BYTES // 2))  # spans two chunks
+    expected = subprocess.run([git, "hash-object", str(sample)], capture_output=True, text=True, check=True)
+    assert dl.git_blob_sha1(sample) == expected.stdout.strip()
+
+
+def test_packaged_manifest_lists_the_100_annotated_files():
+    manifest = dl.read_manifest()
+    studies = {f"studies/CT-1/study_{i:04d}.nii.gz" for i in range(255, 305)}
+    masks = {f"masks/study_{i:04d}_mask.nii.gz" for i in range(255, 305)}
+    assert set(manifest) == studies | masks
+    assert len(manifest) == 100
+    assert all(re.fullmatch(r"[0-9a-f]{40}", sha1) for sha1 in manifest.values())
+    assert len(set(manifest.values())) == 100
+
+
+@pytest.mark.shared
+def test_packaged_manifest_matches_the_real_masks():
+    if not SHARED_MASKS.is_dir():
+        pytest.skip(reason=f"real masks not found at ../shared/data/{SHARED_MASKS.name}")
+    manifest = dl.read_manifest()
+    for study_id in range(255, 305):
+        _, mask = dl.mirror_paths(study_id)
+        assert dl.git_blob_sha1(SHARED_MASKS / Path(mask).name) == manifest[mask], mask
+
+
+def test_read_manifest_names_a_malformed_line(tmp_path):
+    bad = tmp_path / "manifest.tsv"
+    bad.write_text("path\tgit_blob_sha1\nmasks/a.nii.gz\t" + "0" * 40 + "\nmasks/b.nii.gz\tnot-a-hash\n")
+    with pytest.raises(DownloadError, match=r"manifest\.tsv: line 3"):
+        dl.read_manifest(bad)
+
+
+def test_mirror_url_and_credit():
+    assert dl.mirror_url(MASK) == dl.DEFAULT_MIRROR + "/masks/study_0255_mask.nii.gz"
+    assert dl.DEFAULT_MIRROR.endswith("/v1.0")
+    for needed in ("MosMedData: Chest CT Scans With COVID-19 Related Findings", "Moscow Health Care Department",
+                   "arXiv:2005.06465", "CC BY-NC-ND 3.0", "https://creativecommons.org/licenses/by-nc-nd/3.0/"):
+        assert needed in dl.CREDIT
+
+
+# --- downloading -------------------------------------------------------------------------------
+
+
+def test_download_fetches_verifies_and_registers(mirror, tmp_path):
+    out = tmp_path / "data"
+    files = mirror.download(out)
+    expected = [out / path for study_id in IDS for path in dl.mirror_paths(study_id)]
+    assert files == expected
+    assert_intact(mirror, out)
+    assert (out / REGISTRY_NAME).is_file()
+    studies = discover_studies(out)
+    assert [(s.study_id, s.category, s.image, s.mask) for s in studies] == [
+        (i, "CT-1", out / dl.mirror_paths(i)[0], out / dl.mirror_paths(i)[1]) for i in IDS
+    ]
+    assert [s.study_id for s in annotated_studies(out, IDS)] == list(IDS)
+    assert all(rng is None for _, rng in mirror.requests())  # nothing to resume
+
+
+def test_second_run_requests_nothing(mirror, tmp_path):
+    out = tmp_path / "data"
+    mirror.download(out)
+    before = len(mirror.requests())
+    mtimes = {p: p.stat().st_mtime_ns for p in out.rglob("*.nii.gz")}
+    assert mirror.download(out) == mirror.download(out)
+    assert len(mirror.requests()) == before
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*.nii.gz")} == mtimes
+
+
+def test_later_run_with_other_ids_keeps_earlier_studies_registered(mirror, tmp_path):
+    out = tmp_path / "data"
+    mirror.download(out, ids=[255])
+    mirror.download(out, ids=[257, 256])
+    assert [s.study_id for s in discover_studies(out)] == list(IDS)
+
+
+def test_existing_part_is_resumed_with_range(mirror, tmp_path):
+    out = tmp_path / "data"
+    half = len(mirror.data[IMAGE]) // 2
+    part = out / (IMAGE + dl.PART_SUFFIX)
+    part.parent.mkdir(parents=True)
+    part.write_bytes(mirror.data[IMAGE][:half])
+    mirror.download(out)
+    assert mirror.requests(IMAGE) == [(IMAGE, f"bytes={half}-")]
+    assert_intact(mirror, out)
+
+
+def test_part_is_restarted_when_server_ignores_range(mirror, tmp_path):
+    out = tmp_path / "data"
+    part = out / (IMAGE + dl.PART_SUFFIX)
+    part.parent.mkdir(parents=True)
+    part.write_bytes(b"junk that must not survive")
+    mirror.fault(IMAGE, "ignore-range")
+    mirror.download(out)
+    assert mirror.requests(IMAGE) == [(IMAGE, "bytes=26-")]  # answered 200: rewritten from zero
+    assert_intact(mirror, out)
+
+
+def test_stale_part_that_fails_verification_is_fetched_again_from_zero(mirror, tmp_path):
+    out = tmp_path / "data"
+    part = out / (IMAGE + dl.PART_SUFFIX)
+    part.parent.mkdir(parents=True)
+    part.write_bytes(b"\0" * 10)
+    mirror.download(out)
+    assert mirror.requests(IMAGE) == [(IMAGE, "bytes=10-"), (IMAGE, None)]
+    assert_intact(mirror, out)
+
+
+def test_part_longer_than_the_file_is_replaced(mirror, tmp_path):
+    out = tmp_path / "data"
+    part = out / (IMAGE + dl.PART_SUFFIX)
+    part.parent.mkdir(parents=True)
+    part.write_bytes(mirror.data[IMAGE] + b"extra")
+    mirror.download(out)  # 416 Range Not Satisfiable, then a fresh download
+    assert mirror.requests(IMAGE)[-1] == (IMAGE, None)
+    assert_intact(mirror, out)
+
+
+def test_dropped_connection_is_resumed_with_range(mirror, tmp_path):
+    out = tmp_path / "data"
+    mirror.fault(IMAGE, "drop")
+    mirror.download(out)
+    half = len(mirror.data[IMAGE]) // 2
+    assert mirror.requests(IMAGE) == [(IMAGE, None), (IMAGE, f"bytes={half}-")]
+    assert_intact(mirror, out)
+
+
+def test_dropped_connection_without_retries_keeps_the_part_for_the_next_run(mirror, tmp_path):
+    out = tmp_path / "data"
+    mirror.fault(IMAGE, "drop")
+    with pytest.raises(DownloadError, match=r"study_0255\.nii\.gz: failed after 1 attempt: connection closed"):
+        mirror.download(out, retries=0)
+    half = len(mirror.data[IMAGE]) // 2
+    assert (out / (IMAGE + dl.PART_SUFFIX)).stat().st_size == half
+    assert not (out / IMAGE).exists()
+    mirror.download(out, retries=0)
+    assert mirror.requests(IMAGE)[-1] == (IMAGE, f"bytes={half}-")
+    assert_intact(mirror, out)
+
+
+@pytest.mark.parametrize("mode", ["truncate", "corrupt"])
+def test_bad_body_raises_sha1_mismatch_and_leaves_nothing(mirror, tmp_path, mode):
+    out = tmp_path / "data"
+    mirror.fault(MASK, mode)
+    with pytest.raises(DownloadError) as caught:
+        mirror.download(out)
+    message = str(caught.value)
+    assert "\n" not in message
+    assert message.startswith(str(out / MASK) + ": SHA-1 mismatch: expected " + mirror.manifest[MASK] + ", got ")
+    got = re.search(r"got ([0-9a-f]{40})", message)[1]
+    assert got != mirror.manifest[MASK]
+    assert not (out / MASK).exists()
+    assert not (out / (MASK + dl.PART_SUFFIX)).exists()
+    assert (out / IMAGE).is_file()  # fetched before the mask
+    mirror.server.faults.clear()
+    mirror.download(out)  # the next run starts clean
+    assert mirror.requests(MASK)[-1] == (MASK, None)
+    assert_intact(mirror, out)
+
+
+def test_damaged_file_on_disk_is_fetched_again(mirror, tmp_path):
+    out = tmp_path / "data"
+    mirror.download(out)
+    data = bytearray((out / MASK).read_bytes())
+    data[len(data) // 2] ^= 0x01
+    (out / MASK).write_bytes(bytes(data))
+    mirror.download(out)
+    assert len(mirror.requests(MASK)) == 2
+    assert len(mirror.requests(IMAGE)) == 1
+    assert_intact(mirror, out)
+
+
+@pytest.mark.parametrize("mode", ["html", "html-body"])
+def test_html_page_instead_of_file_is_caught(mirror, tmp_path, mode):
+    out = tmp_path / "data"
+    mirror.fault(IMAGE, mode)
+    with pytest.raises(DownloadError, match=r"study_0255\.nii\.gz: the server returned an HTML page"):
+        mirror.download(out)
+    assert not (out / IMAGE).exists()
+    assert not (out / (IMAGE + dl.PART_SUFFIX)).exists()
+
+
+def test_not_found_is_a_clear_error_and_not_retried(mirror, tmp_path):
+    out = tmp_path / "data"
+    mirror.fault(MASK, "404")
+    with pytest.raises(DownloadError) as caught:
+        mirror.download(out)
+    assert str(caught.value).startswith(f"{mirror.url}/{MASK}: HTTP 404")
+    assert len(mirror.requests(MASK)) == 1
+
+
+def test_server_errors_are_retried(mirror, tmp_path):
+    out = tmp_path / "data"
+    mirror.fault(IMAGE, "503")  # the first two requests answer 503
+    mirror.download(out, retries=2)
+    assert len(mirror.requests(IMAGE)) == 3
+    assert_intact(mirror, out)
+
+
+def test_server_errors_exhaust_retries(mirror, tmp_path):
+    out = tmp_path / "data"
+    mirror.fault(IMAGE, "503")
+    with pytest.raises(DownloadError, match=r"study_0255\.nii\.gz: failed after 2 attempts: HTTP 503"):
+        mirror.download(out, retries=1)
+    assert len(mirror.requests(IMAGE)) == 2
+
+
+def test_more_bytes_than_announced_are_caught(mirror, tmp_path):
+    out = tmp_path / "data"
+    half = len(mirror.data[IMAGE]) // 2
+    part = out / (IMAGE + dl.PART_SUFFIX)
+    part.parent.mkdir(parents=True)
+    part.write_bytes(mirror.data[IMAGE][:half])
+    mirror.fault(IMAGE, "oversize")  # 206 with Content-Range .../total, then more than total
+    with pytest.raises(DownloadError, match=r"study_0255\.nii\.gz: larger than expected"):
+        mirror.download(out)
+    assert not part.exists()
+    assert not (out / IMAGE).exists()
+
+
+def test_body_of_unannounced_length_is_still_verified(mirror, tmp_path):
+    out = tmp_path / "data"
+    mirror.fault(IMAGE, "oversize")  # 200 without Content-Length, with bytes appended
+    with pytest.raises(DownloadError, match="SHA-1 mismatch"):
+        mirror.download(out)
+    assert not (out / IMAGE).exists()
+
+
+def test_concurrent_downloads_into_one_folder(mirror, tmp_path):
+    out = tmp_path / "data"
+    mirror.server.delay = 0.05  # so that the two runs overlap
+    results, errors = [], []
+
+    def run():
+        try:
+            results.append(mirror.download(out))
+        except Exception as exc:  # reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert not errors
+    assert len(results) == 2 and results[0] == results[1]
+    assert_intact(mirror, out)
+    for path in mirror.data:  # the second run waited for the lock, then found every file verified
+        assert len(mirror.requests(path)) == 1, path
+    assert [s.study_id for s in discover_studies(out)] == list(IDS)
+
+
+def test_local_copy_as_file_url(mirror, tmp_path):
+    out = tmp_path / "data"
+    mirror.download(out, mirror=mirror.root.as_uri())
+    assert_intact(mirror, out)
+    assert mirror.requests() == []
+
+
+def test_unknown_study_is_refused_before_any_request(mirror, tmp_path):
+    with pytest.raises(DownloadError, match=r"studies/CT-1/study_0001\.nii\.gz: study 1 is not in the mirror manifest"):
+        mirror.download(tmp_path / "data", ids=[255, 1])
+    with pytest.raises(DownloadError, match="study ids must be integers"):
+        mirror.download(tmp_path / "data", ids=["255"])
+    assert mirror.requests() == []
+
+
+def test_progress_bars_are_drawn(mirror, tmp_path, capsys):
+    mirror.download(tmp_path / "data", ids=IDS[:1], progress=True)
+    assert "MosMedData CT-1" in capsys.readouterr().err
