@@ -1,0 +1,120 @@
+"""What every chapter of the book does the same way: report versions, pick the preset, reuse runs.
+
+A chapter's parameters cell calls :func:`choose_setup`:
+
+- ``COVIDSEG_QUICK=1`` (CI sets it): the ``quick`` preset on the synthetic phantom;
+- a CUDA GPU and real data (``COVIDSEG_DATA``, or Colab's ``/content/mosmeddata`` after
+  ``covidseg download``): the ``thesis`` preset on the real data;
+- anything else (a laptop CPU): ``quick`` on the phantom.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+from dataclasses import dataclass
+from pathlib import Path
+
+from .config import QUICK_ENV, TrainConfig, get_preset, preset_from_env
+from .sources import DATA_ENV, data_source, resolve_data_dir
+
+__all__ = ["COLAB_DATA_DIR", "RUNS_ENV", "ChapterSetup", "versions", "choose_setup", "run_dir_for", "train_or_reuse"]
+
+COLAB_DATA_DIR = Path("/content/mosmeddata")
+"""Where the chapters' Colab setup cell downloads the real data."""
+
+RUNS_ENV = "COVIDSEG_RUNS"
+"""Folder holding the chapters' training runs (default ``runs`` beside the notebook), shared so that
+the comparison chapter reuses the models the model chapters trained."""
+
+
+def versions() -> str:
+    """One line with the versions that matter and the compute device."""
+    import nibabel
+    import numpy
+    import segmentation_models_pytorch as smp
+    import torch
+
+    from . import __version__
+    from .devices import describe_device, resolve_device
+
+    return (
+        f"covidseg {__version__} | python {platform.python_version()} | torch {torch.__version__} | "
+        f"smp {smp.__version__} | nibabel {nibabel.__version__} | numpy {numpy.__version__} | "
+        f"device: {describe_device(resolve_device('auto'))}"
+    )
+
+
+@dataclass(frozen=True)
+class ChapterSetup:
+    """The preset and data a chapter runs with.
+
+    Attributes:
+        preset: ``'quick'`` or ``'thesis'``.
+        config: The preset's :class:`~covidseg.config.TrainConfig` (a chapter sets ``model``).
+        data_dir: The dataset folder.
+        source: ``'real MosMedData'`` or ``'synthetic phantom'``.
+        reason: Why this preset was chosen, in words.
+    """
+
+    preset: str
+    config: TrainConfig
+    data_dir: Path
+    source: str
+    reason: str
+
+    def __str__(self) -> str:
+        return f"preset: {self.preset} ({self.reason}) | data: {self.source} in {self.data_dir} | image size {self.config.image_size} px"
+
+
+def _real_data_dir() -> Path | None:
+    if os.environ.get(DATA_ENV):
+        return Path(os.environ[DATA_ENV])
+    if (COLAB_DATA_DIR / "dataset_registry.csv").is_file():
+        return COLAB_DATA_DIR
+    return None
+
+
+def choose_setup(progress: bool = True) -> ChapterSetup:
+    """Pick the preset and the data as described in the module docstring."""
+    import torch
+
+    real = _real_data_dir()
+    if preset_from_env(default="") == "quick":
+        preset, data, reason = "quick", None, f"{QUICK_ENV} is set"
+    elif torch.cuda.is_available() and real is not None:
+        preset, data, reason = "thesis", real, "a CUDA GPU and the real data are available"
+    elif real is None:
+        preset, data, reason = "quick", None, "no real data: set COVIDSEG_DATA or run covidseg download"
+    else:
+        preset, data, reason = "quick", real, "no CUDA GPU: quick settings on the real data"
+    config = get_preset(preset)
+    data_dir = resolve_data_dir(data, phantom_size=config.image_size, progress=progress)
+    return ChapterSetup(preset, config, data_dir, data_source(data_dir), reason)
+
+
+def run_dir_for(config: TrainConfig, root: str | os.PathLike | None = None) -> Path:
+    """``runs/<model>-<preset>``, under :data:`RUNS_ENV` when set."""
+    root = Path(root or os.environ.get(RUNS_ENV, "runs"))
+    return root / f"{config.model}-{config.preset}"
+
+
+def train_or_reuse(config: TrainConfig, data_dir, run_dir=None, progress: bool = True):
+    """Train ``config`` unless a finished run with the same config exists; resume an unfinished one.
+
+    Returns:
+        ``(run_dir, history)``.
+    """
+    from .training import fit
+
+    run_dir = Path(run_dir or run_dir_for(config))
+    history_file = run_dir / "history.json"
+    finished = run_dir / "finished.json"
+    if finished.is_file() and json.loads(finished.read_text()).get("config") == config.to_dict():
+        if progress:
+            print(f"reusing the finished run in {run_dir}")
+        return run_dir, json.loads(history_file.read_text())
+    result = fit(config, run_dir, data_dir=data_dir, resume=(run_dir / "last.pt").is_file(), progress=progress)
+    finished.write_text(json.dumps({"config": config.to_dict(), "best_epoch": result.best_epoch, "card": result.card.to_dict()}, indent=2))
+    return run_dir, result.history
