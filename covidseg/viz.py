@@ -122,17 +122,21 @@ def comparison_grid(images: np.ndarray, truths: np.ndarray, predictions: Mapping
 
 
 def learning_curve(history: Sequence[Mapping], title: str | None = None, best_epoch: int | None = None):
-    """Training loss and validation per-study Dice by epoch (``history`` rows from :func:`covidseg.training.fit`)."""
+    """Training loss and validation per-study Dice by epoch (``history`` rows from :func:`covidseg.training.fit`).
+
+    The y axis spans [0, 1], or up to the largest loss when it exceeds 1 (BCE + Dice can).
+    """
     import matplotlib.pyplot as plt
 
     epochs = [row["epoch"] + 1 for row in history]
+    losses = [row["train_loss"] for row in history]
     fig, ax = plt.subplots(figsize=(6, 3.4))
-    ax.plot(epochs, [row["train_loss"] for row in history], "o-", label="training Dice loss")
+    ax.plot(epochs, losses, "o-", label="training loss")
     ax.plot(epochs, [row["val_dice"] for row in history], "s-", label="validation per-study Dice")
     if best_epoch is not None and best_epoch >= 0:
         ax.axvline(best_epoch + 1, color="grey", linestyle=":", label="best epoch (kept)")
     ax.set_xlabel("epoch")
-    ax.set_ylim(0, 1)
+    ax.set_ylim(0, max([1.0, *losses]))
     ax.grid(alpha=0.3)
     ax.legend(loc="center right", fontsize=8)
     if title:

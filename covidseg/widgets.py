@@ -23,6 +23,7 @@ def slice_browser(images: np.ndarray, masks: np.ndarray | None = None, predictio
     """
     import ipywidgets as widgets
     import matplotlib.pyplot as plt
+    from IPython.display import display
 
     if start is None:
         start = int(np.argmax(masks.reshape(len(masks), -1).sum(1))) if masks is not None and masks.any() else len(images) // 2
@@ -37,7 +38,10 @@ def slice_browser(images: np.ndarray, masks: np.ndarray | None = None, predictio
             show_slice(axes[0, 0], images[k], truth, TRUTH_COLOUR, f"slice {k} / {len(images) - 1}: ground truth")
             if predictions is not None:
                 show_slice(axes[0, 1], images[k], predictions[k], PREDICTION_COLOUR, "prediction")
-            plt.show(fig)
+            # display() shows this figure only, on any backend (plt.show(fig) fails on Agg), and
+            # closing it keeps it from being shown a second time at the end of the cell.
+            display(fig)
+            plt.close(fig)
 
     slider = widgets.IntSlider(value=start, min=0, max=len(images) - 1, description="slice", continuous_update=False)
     slider.observe(lambda change: draw(change["new"]), names="value")

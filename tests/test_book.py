@@ -1,0 +1,180 @@
+"""The book's structure, checked without executing anything.
+
+Every chapter of ``_toc.yml`` is a MyST notebook with an output-free ``.ipynb`` twin in sync with
+it (the Colab button opens the twin), follows the common skeleton, installs the package from the
+repository that ``_config.yml`` names, and marks at least one deterministic cell for nbval.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO
+
+jupytext = pytest.importorskip("jupytext")
+yaml = pytest.importorskip("yaml")
+
+from covidseg.notebook import COLAB_DATA_DIR  # noqa: E402
+
+COLAB = "https://colab.research.google.com"
+CHECK_OUTPUT = "# NBVAL_CHECK_OUTPUT"
+NO_CHECK_OUTPUT = re.compile(r"^% no NBVAL_CHECK_OUTPUT: \S.*$", re.MULTILINE)
+"""How a chapter without deterministic cells says why: a MyST comment line (not rendered)."""
+
+MUST_CHECK_OUTPUT = ("book/02_dataset", "book/03_preprocessing", "book/04_segmentation_and_dice")
+"""Chapters that have deterministic cells (Table 3.1, preprocessing statistics, toy metrics)."""
+
+WITHOUT_REAL_DATA = ("book/01_introduction", "book/04_segmentation_and_dice")
+"""Chapters that run on whatever data is at hand; all others download the real data in Colab."""
+
+INSTALL = re.compile(r'^\s*%pip install\b.*"covidseg @ git\+(?P<url>[^"@]+?)(?:\.git)?@(?P<branch>[^"@]+)"', re.MULTILINE)
+
+
+def _load_yaml(name: str) -> dict:
+    return yaml.safe_load((REPO / name).read_text(encoding="utf-8"))
+
+
+def _chapters() -> list[str]:
+    """Chapter paths without suffix, as ``_toc.yml`` lists them (the root first)."""
+    toc = _load_yaml("_toc.yml")
+    return [toc["root"]] + [entry["file"] for entry in toc.get("chapters", [])]
+
+
+CHAPTERS = _chapters()
+
+
+@pytest.fixture(scope="module")
+def config() -> dict:
+    return _load_yaml("_config.yml")
+
+
+def _read(chapter: str, suffix: str):
+    path = REPO / f"{chapter}{suffix}"
+    if not path.is_file():
+        pytest.fail(f"{path.relative_to(REPO)} is missing")
+    return jupytext.read(path)
+
+
+def _code(notebook) -> list:
+    return [cell for cell in notebook.cells if cell.cell_type == "code"]
+
+
+def _comparable(notebook) -> list:
+    """Cells as (type, source, metadata), without the ids jupytext draws at random."""
+    return [(cell.cell_type, cell.source, dict(cell.metadata)) for cell in notebook.cells]
+
+
+# --------------------------------------------------------------------------- _config.yml
+
+
+def test_config_points_colab_at_the_main_branch_and_hides_the_twins(config):
+    assert config["repository"]["branch"] == "main"  # the theme defaults to master
+    assert re.fullmatch(r"https://github\.com/[\w.-]+/[\w.-]+", config["repository"]["url"])
+    assert config["launch_buttons"]["colab_url"].rstrip("/") == COLAB
+    assert "**.ipynb" in config["exclude_patterns"]  # the .md files are the sources; no page twice
+    assert config["execute"]["execute_notebooks"] == "force"
+    assert config["execute"]["allow_errors"] is False
+
+
+def test_toc_lists_unique_chapters_under_book():
+    assert len(set(CHAPTERS)) == len(CHAPTERS)
+    assert all(re.fullmatch(r"book/\d\d_\w+", chapter) for chapter in CHAPTERS)
+
+
+# --------------------------------------------------------------------------- the twins
+
+
+@pytest.mark.parametrize("chapter", CHAPTERS)
+def test_chapter_has_an_output_free_ipynb_twin_with_the_same_code(chapter):
+    source, twin = _read(chapter, ".md"), _read(chapter, ".ipynb")
+    assert [cell.source for cell in _code(twin)] == [cell.source for cell in _code(source)]
+    for cell in _code(twin):
+        assert cell.get("outputs", []) == [], f"{chapter}.ipynb holds outputs"
+        assert cell.get("execution_count") is None, f"{chapter}.ipynb holds execution counts"
+    assert source.metadata["jupytext"]["formats"] == "ipynb,md:myst"
+
+
+@pytest.mark.parametrize("chapter", CHAPTERS)
+def test_twin_is_what_jupytext_makes_from_the_chapter(chapter, tmp_path):
+    """Regenerating the twin from the .md (``jupytext --sync``) must change nothing."""
+    source = REPO / f"{chapter}.md"
+    if not source.is_file():
+        pytest.fail(f"{chapter}.md is missing")
+    regenerated = tmp_path / f"{source.stem}.ipynb"
+    jupytext.write(jupytext.read(source), regenerated, fmt="ipynb")
+    twin = _read(chapter, ".ipynb")
+    fresh = jupytext.read(regenerated)
+    assert _comparable(twin) == _comparable(fresh), f"{chapter}.ipynb is out of date: run make sync-notebooks"
+    assert twin.metadata.get("kernelspec") == fresh.metadata.get("kernelspec")
+
+
+@pytest.mark.parametrize("chapter", CHAPTERS)
+def test_colab_button_opens_a_twin_in_the_repository(chapter, config):
+    """The URL sphinx-book-theme builds: <colab>/github/<org>/<repo>/blob/<branch>/<path>.ipynb,
+    where .ipynb replaces .md only if the twin exists beside the source."""
+    org, repo = config["repository"]["url"].rstrip("/").split("/")[-2:]
+    branch = config["repository"]["branch"]
+    prefix = config["repository"].get("path_to_book", "").strip("/")
+    page = f"{prefix}/{chapter}" if prefix else chapter
+    suffix = ".ipynb" if (REPO / page).with_suffix(".ipynb").is_file() else ".md"
+    url = f"{COLAB}/github/{org}/{repo}/blob/{branch}/{page}{suffix}"
+    assert url == f"{COLAB}/github/{org}/{repo}/blob/main/{chapter}.ipynb"
+    target = REPO / url.split(f"/blob/{branch}/", 1)[1]
+    assert target.is_file()
+    if shutil.which("git") and (REPO / ".git").exists():  # an ignored twin would never be pushed
+        ignored = subprocess.run(["git", "check-ignore", "-q", str(target)], cwd=REPO)
+        assert ignored.returncode == 1, f"{target.relative_to(REPO)} is ignored by git"
+
+
+# --------------------------------------------------------------------------- the skeleton
+
+
+@pytest.mark.parametrize("chapter", CHAPTERS)
+def test_setup_cell_installs_from_the_configured_repository_only_in_colab(chapter, config):
+    setup = _code(_read(chapter, ".md"))[0].source
+    assert 'if "google.colab" in sys.modules:' in setup
+    installs = list(INSTALL.finditer(setup))
+    assert len(installs) == 1, f"{chapter}: the setup cell must install covidseg once"
+    assert installs[0]["url"] == config["repository"]["url"].rstrip("/")
+    assert installs[0]["branch"] == config["repository"]["branch"]
+    downloads = f"!covidseg download {COLAB_DATA_DIR.as_posix()}" in setup
+    assert downloads == (chapter not in WITHOUT_REAL_DATA)
+
+
+@pytest.mark.parametrize("chapter", CHAPTERS)
+def test_chapter_follows_the_skeleton(chapter):
+    text = (REPO / f"{chapter}.md").read_text(encoding="utf-8")
+    notebook = _read(chapter, ".md")
+    number = int(Path(chapter).name[:2])
+    assert re.search(rf"^# {number}\. \S", text, re.MULTILINE), f"{chapter}: title '# {number}. ...' missing"
+    landmarks = [":::{admonition} What you will learn", "## Setup", "## Parameters", "## Summary", "## Exercises"]
+    positions = [text.find(landmark) for landmark in landmarks]
+    assert all(p >= 0 for p in positions), f"{chapter}: missing {[m for m, p in zip(landmarks, positions) if p < 0]}"
+    assert positions == sorted(positions), f"{chapter}: skeleton out of order"
+    assert ":class: tip" in text[positions[0] : positions[0] + 80]
+    assert ":::{dropdown}" in text[positions[-1] :], f"{chapter}: exercises without a dropdown solution"
+
+    parameters = [cell for cell in _code(notebook) if "parameters" in cell.metadata.get("tags", [])]
+    assert len(parameters) == 1 and "choose_setup()" in parameters[0].source
+    assert sum("print(versions())" in cell.source for cell in _code(notebook)) == 1
+
+
+@pytest.mark.parametrize("chapter", CHAPTERS)
+def test_chapter_checks_deterministic_output_or_says_why_not(chapter):
+    notebook = _read(chapter, ".md")
+    checked = [cell for cell in _code(notebook) if cell.source.splitlines()[:1] == [CHECK_OUTPUT]]
+    misplaced = [cell for cell in _code(notebook) if CHECK_OUTPUT in cell.source and cell not in checked]
+    assert not misplaced, f"{chapter}: {CHECK_OUTPUT} must be the first line of its cell"
+    if chapter in MUST_CHECK_OUTPUT:
+        assert checked, f"{chapter} has deterministic cells but none marked {CHECK_OUTPUT}"
+    else:
+        text = (REPO / f"{chapter}.md").read_text(encoding="utf-8")
+        assert checked or NO_CHECK_OUTPUT.search(text), (
+            f"{chapter}: mark a deterministic cell {CHECK_OUTPUT}, or say why there is none "
+            "in a line '% no NBVAL_CHECK_OUTPUT: <reason>'"
+        )
