@@ -9,7 +9,7 @@ CHAPTERS := $(sort $(wildcard book/*.md))
 NOTEBOOK_DIR ?= $(or $(TMPDIR),/tmp)/covidseg-nbval
 CELL_TIMEOUT ?= 1800
 
-.PHONY: install test test-unit test-notebooks book sync-notebooks clean
+.PHONY: install test test-unit test-notebooks record-outputs book sync-notebooks clean
 
 install: $(STAMP)
 
@@ -26,12 +26,18 @@ test-unit: install
 	$(BIN)/python -m pytest tests
 
 # Each chapter runs as Colab runs it: converted alone to .ipynb in an empty folder, quick preset.
+# Cells marked NBVAL_CHECK_OUTPUT are compared with the outputs recorded in book/expected_outputs.
 test-notebooks: install
 	rm -rf $(NOTEBOOK_DIR) && mkdir -p $(NOTEBOOK_DIR)
-	$(BIN)/jupytext --quiet --to ipynb --output-dir $(NOTEBOOK_DIR) $(CHAPTERS) 2>/dev/null || \
-		for f in $(CHAPTERS); do $(BIN)/jupytext --quiet --to ipynb -o $(NOTEBOOK_DIR)/$$(basename $${f%.md}).ipynb $$f || exit 1; done
+	$(BIN)/python tests/nbval_prepare.py $(NOTEBOOK_DIR) $(CHAPTERS)
 	cd $(NOTEBOOK_DIR) && COVIDSEG_QUICK=1 MPLBACKEND=Agg $(abspath $(BIN))/python -m pytest -p no:cacheprovider \
-		--nbval-lax --nbval-cell-timeout=$(CELL_TIMEOUT) -o addopts="" -o testpaths="" -v $(notdir $(CHAPTERS:.md=.ipynb))
+		--nbval-lax --nbval-cell-timeout=$(CELL_TIMEOUT) -o addopts="" -o testpaths="" -v --durations=0 \
+		$(notdir $(CHAPTERS:.md=.ipynb))
+
+# Re-record the expected outputs of the NBVAL_CHECK_OUTPUT cells (after changing such a cell on purpose).
+record-outputs: install
+	rm -rf $(NOTEBOOK_DIR) && mkdir -p $(NOTEBOOK_DIR)
+	COVIDSEG_QUICK=1 MPLBACKEND=Agg $(BIN)/python tests/nbval_prepare.py --record $(NOTEBOOK_DIR) $(CHAPTERS)
 
 book: install
 	$(BIN)/jupyter-book build --warningiserror --keep-going --path-output . .
