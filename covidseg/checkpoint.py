@@ -8,15 +8,20 @@ made it.
 
 from __future__ import annotations
 
+import io
 import os
 import pickle
+import re
 import tempfile
+import warnings
+import zipfile
 from pathlib import Path
 
 import torch
 
 from .config import TrainConfig
 from .errors import CheckpointError
+from .models import MODEL_NAMES
 
 __all__ = ["CHECKPOINT_FORMAT", "save_checkpoint", "load_checkpoint", "checkpoint_config"]
 
@@ -25,11 +30,27 @@ CHECKPOINT_FORMAT = "covidseg-checkpoint-1"
 
 _REQUIRED_KEYS = ("format", "model_name", "config", "model", "epoch", "history")
 
+_KEY_TYPES = {
+    "model_name": str,
+    "config": dict,
+    "model": dict,
+    "epoch": int,
+    "history": list,
+    "optimizer": dict,
+    "scaler": dict,
+    "early_stopping": dict,
+}
+"""Type of each key a checkpoint may hold; anything else means a damaged or foreign file."""
+
 
 def save_checkpoint(state: dict, path: str | os.PathLike) -> Path:
-    """Write a checkpoint atomically: a temporary file in the same folder, flushed, then renamed.
+    """Write a checkpoint atomically: serialised in memory, written to a temporary file in the same
+    folder, flushed to disk, then renamed over ``path``.
 
-    If the write fails (read-only folder, full disk), the previous file at ``path`` is untouched.
+    If the write fails (read-only folder, full disk) or the process is killed meanwhile, the
+    previous file at ``path`` is untouched: a reader sees the old checkpoint or the new one, never
+    a partial one. A kill can leave a hidden ``.NAME.*.tmp`` file behind, which
+    :func:`covidseg.training.fit` removes.
 
     Args:
         state: The checkpoint dictionary; ``format`` is added.
@@ -39,22 +60,41 @@ def save_checkpoint(state: dict, path: str | os.PathLike) -> Path:
         CheckpointError: If the file cannot be written.
     """
     path = Path(path)
+    # Serialise in memory first: torch's zip writer turns a failed write (full disk) into an
+    # obscure RuntimeError, while a plain file write reports ENOSPC as it is.
     tmp = None
     try:
+        buffer = io.BytesIO()
+        torch.save({"format": CHECKPOINT_FORMAT, **state}, buffer)
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         with os.fdopen(fd, "wb") as handle:
-            torch.save({"format": CHECKPOINT_FORMAT, **state}, handle)
+            handle.write(buffer.getbuffer())
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
         tmp = None
+        _sync_folder(path.parent)
     except OSError as exc:
         raise CheckpointError(path, f"could not be written ({exc.strerror or exc}); the previous checkpoint is kept") from None
     finally:
         if tmp is not None and os.path.exists(tmp):
             os.unlink(tmp)
     return path
+
+
+def _sync_folder(folder: Path) -> None:
+    """Flush a rename to disk (best effort: not every platform can open a folder)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def load_checkpoint(path: str | os.PathLike, model_name: str | None = None, config: TrainConfig | None = None) -> dict:
@@ -77,24 +117,37 @@ def load_checkpoint(path: str | os.PathLike, model_name: str | None = None, conf
     if not path.is_file():
         raise CheckpointError(path, "checkpoint not found")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch warns about the pickle protocol of foreign files
+            warnings.simplefilter("ignore", UserWarning)
+            state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        reason = str(exc).splitlines()[0] if str(exc) else "unsupported object"
-        if "Weights only load failed" in str(exc):
-            reason = "it holds objects that would execute code when loaded"
+        if not zipfile.is_zipfile(path):
+            raise CheckpointError(path, f"truncated or not a checkpoint ({_damage(path, exc)})") from None
+        # A PyTorch file holding more than tensors and plain values: unpickling it could run code.
+        unsafe = re.search(r"GLOBAL\s+([\w.]+)", str(exc))
+        reason = f"loading it would run {unsafe.group(1)}" if unsafe else "damaged, or holding objects only a full unpickle can read"
         raise CheckpointError(path, f"refused: not a plain-weights checkpoint ({reason})") from None
     except Exception as exc:  # torch raises many types for damaged or foreign files
-        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise CheckpointError(path, f"truncated or not a checkpoint ({first})") from None
+        raise CheckpointError(path, f"truncated or not a checkpoint ({_damage(path, exc)})") from None
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(path, f"not a covidseg checkpoint (no format {CHECKPOINT_FORMAT!r})")
     missing = [key for key in _REQUIRED_KEYS if key not in state]
     if missing:
         raise CheckpointError(path, f"checkpoint lacks {', '.join(missing)}")
+    malformed = [key for key, kind in _KEY_TYPES.items() if key in state and not isinstance(state[key], kind)]
+    weights = state["model"]
+    if isinstance(weights, dict) and not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in weights.items()):
+        malformed.append("model")
+    if malformed:
+        raise CheckpointError(path, f"damaged checkpoint: {', '.join(malformed)} of the wrong type")
     try:
         state["config"] = TrainConfig.from_dict(state["config"])
     except (TypeError, ValueError) as exc:
         raise CheckpointError(path, f"invalid config in checkpoint ({exc})") from None
+    if state["model_name"] not in MODEL_NAMES:
+        raise CheckpointError(path, f"checkpoint is for an unknown model {state['model_name']!r}")
+    if state["model_name"] != state["config"].model:
+        raise CheckpointError(path, f"damaged checkpoint: model {state['model_name']!r} but config for {state['config'].model!r}")
     if model_name is not None and state["model_name"] != model_name:
         raise CheckpointError(path, f"checkpoint is for model {state['model_name']!r}, not {model_name!r}")
     if config is not None:
@@ -103,6 +156,20 @@ def load_checkpoint(path: str | os.PathLike, model_name: str | None = None, conf
             shown = ", ".join(f"{n}={getattr(state['config'], n)!r} (asked {getattr(config, n)!r})" for n in differing)
             raise CheckpointError(path, f"checkpoint was made with another config: {shown}")
     return state
+
+
+def _damage(path: Path, exc: BaseException) -> str:
+    """What is wrong with a file ``torch.load`` could not read, in a few words."""
+    with open(path, "rb") as handle:
+        head = handle.read(4)
+    if not head:
+        return "the file is empty"
+    if head.startswith(b"PK") and not zipfile.is_zipfile(path):
+        return "the file is cut short: incomplete zip archive"
+    if not head.startswith(b"PK"):
+        return "not a PyTorch file"
+    first = " ".join(str(exc).split(". ")[0].split()) or type(exc).__name__
+    return first if len(first) <= 160 else first[:157] + "..."
 
 
 def checkpoint_config(path: str | os.PathLike) -> TrainConfig:

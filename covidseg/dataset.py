@@ -9,6 +9,7 @@ runs, which skips decoding altogether.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 from dataclasses import dataclass
@@ -160,20 +161,30 @@ class SliceDataset(Dataset):
         image_file = self.cache_dir / f"{study.name}-{key}-image.npy"
         mask_file = self.cache_dir / f"{study.name}-{key}-mask.npy"
         if image_file.is_file() and mask_file.is_file():
-            return StudySlices(study, np.load(image_file, mmap_mode="r"), np.load(mask_file, mmap_mode="r"))
+            try:
+                return StudySlices(study, np.load(image_file, mmap_mode="r"), np.load(mask_file, mmap_mode="r"))
+            except (OSError, ValueError):  # a damaged cache file: decode the study again and rewrite it
+                pass
         loaded = load_study_slices(study, self.image_size)
-        self.cache_dir.mkdir(parents=True, exist_ok=True)
         for target, array in ((image_file, loaded.images), (mask_file, loaded.masks)):
             tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-            with open(tmp, "wb") as handle:
-                np.save(handle, array)
-            os.replace(tmp, target)
+            try:
+                self.cache_dir.mkdir(parents=True, exist_ok=True)
+                with open(tmp, "wb") as handle:
+                    np.save(handle, array)
+                os.replace(tmp, target)
+            except OSError as exc:
+                with contextlib.suppress(OSError):
+                    tmp.unlink(missing_ok=True)
+                raise DataError(target, f"could not be written to the cache ({exc.strerror or exc})") from None
         return loaded
 
     def _cache_key(self, study: Study) -> str:
         """Changes whenever the source files, the size or the preprocessing change."""
         parts = [str(_CACHE_VERSION), str(self.image_size)]
         for path in (study.image, study.mask):
+            if path is None:
+                continue
             stat = Path(path).stat()
             parts += [str(Path(path).resolve()), str(stat.st_size), str(stat.st_mtime_ns)]
         return hashlib.sha1("|".join(parts).encode()).hexdigest()[:12]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 import time
 from pathlib import Path
 
@@ -15,6 +16,7 @@ import numpy as np
 
 from .dataset import SliceDataset
 from .devices import describe_device
+from .errors import DataError
 from .metrics import evaluate_studies
 from .mosmed import annotated_studies
 from .prediction import THRESHOLD, load_trained_model, predict_probabilities
@@ -28,8 +30,9 @@ def predict_part(run_dir, data_dir=None, part: str = "test", device: str = "auto
     """Predict every study of one part of the run's split.
 
     Returns:
-        ``(predictions, truths, images, config, device)``: dicts from study id to uint8
-        ``(Z, H, W)`` masks, and to float32 preprocessed slices, at the run's image size.
+        ``(predictions, truths, images, config, device, data_dir)``: dicts from study id to
+        uint8 ``(Z, H, W)`` masks, and to float32 preprocessed slices, at the run's image size;
+        the run's config, the device used and the data folder read.
     """
     model, config = load_trained_model(run_dir, device)
     device = next(model.parameters()).device
@@ -59,12 +62,19 @@ def evaluate_run(
         A dict with ``per_study`` (study id -> Dice), ``mean_dice`` and ``max_dice`` (over
         per-study Dice, the thesis' "mean / max"), ``pooled_dice``, the per-slice variants and the
         other scores from :func:`covidseg.metrics.evaluate_studies`, plus ``part``, ``split`` and a
-        ``run_card``. Also written to ``json_path`` when given.
+        ``run_card``. Also written to ``json_path`` when given (atomically).
+
+    Raises:
+        CheckpointError: If the run holds no usable checkpoint.
+        DataError: For unusable data, an unreadable ``history.json``, or a ``json_path`` that is
+            a folder or cannot be written (an existing file there is then left as it was).
     """
     started = time.perf_counter()
+    if json_path is not None:
+        _check_json_path(Path(json_path))  # before the work, not after it
     predictions, truths, _, config, device, data_dir = predict_part(run_dir, data_dir, part, device, progress=progress)
     scores = evaluate_studies(predictions, truths)
-    history = json.loads((Path(run_dir) / "history.json").read_text()) if (Path(run_dir) / "history.json").is_file() else []
+    history = _read_history(Path(run_dir) / "history.json")
     card = RunCard(
         data=data_source(data_dir),
         model=config.model,
@@ -84,12 +94,46 @@ def evaluate_run(
         "run_card": card.to_dict(),
     }
     if json_path is not None:
-        path = Path(json_path)
-        tmp = path.with_name(f".{path.name}.tmp")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp.write_text(json.dumps(report, indent=2) + "\n")
-        os.replace(tmp, path)
+        _write_json_atomically(Path(json_path), report)
     return report
+
+
+def _read_history(path: Path) -> list:
+    """The rows of a run's ``history.json`` (none if the file is absent)."""
+    if not path.is_file():
+        return []
+    try:
+        history = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise DataError(path, f"unreadable training history ({' '.join(str(exc).split())})") from None
+    if not isinstance(history, list):
+        raise DataError(path, "unreadable training history (expected a list of epochs)")
+    return history
+
+
+def _check_json_path(path: Path) -> None:
+    if path.is_dir():
+        raise DataError(path, "is a folder; give a file name such as scores.json")
+    parent = next((p for p in path.parents if p.exists()), None)
+    if parent is not None and not parent.is_dir():
+        raise DataError(path, f"cannot write here: {parent} is a file, not a folder")
+
+
+def _write_json_atomically(path: Path, value) -> None:
+    """Write ``value`` as JSON through a temporary file; a failure leaves the old file intact."""
+    tmp = None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(json.dumps(value, indent=2) + "\n")
+        os.replace(tmp, path)
+        tmp = None
+    except OSError as exc:
+        raise DataError(path, f"could not be written ({exc.strerror or exc}); nothing was changed") from None
+    finally:
+        if tmp is not None and os.path.exists(tmp):
+            os.unlink(tmp)
 
 
 def format_report(report: dict) -> str:

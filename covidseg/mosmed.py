@@ -94,15 +94,24 @@ def discover_studies(root: str | os.PathLike) -> list[Study]:
 
     Raises:
         DataError: If the folder is missing or empty, the registry is malformed or names
-            missing files, or a mask has no study.
+            missing files, a study appears twice, or a mask has no study.
     """
     root = Path(root)
+    if root.is_file():
+        raise DataError(root, "is a file; give the MosMedData folder (the one holding studies/ and masks/)")
     if not root.is_dir():
         raise DataError(root, "data folder not found")
     registry = root / REGISTRY_NAME
     studies = _read_registry(registry, root) if registry.is_file() else _scan(root)
     if not studies:
-        raise DataError(root, "no MosMedData studies found (expected studies/CT-k/study_NNNN.nii.gz)")
+        inner = sorted(p.parent.parent for p in root.glob("*/studies/CT-*") if p.is_dir())
+        hint = f"; did you mean {inner[0]}?" if inner else ""
+        raise DataError(root, f"no MosMedData studies found (expected studies/CT-k/study_NNNN.nii.gz){hint}")
+    seen: dict[int, Study] = {}
+    for study in studies:
+        if study.study_id in seen:
+            raise DataError(study.image, f"study {study.study_id} appears twice (also {seen[study.study_id].image})")
+        seen[study.study_id] = study
     known = {s.study_id for s in studies}
     for orphan in sorted((root / "masks").glob("study_*_mask.nii.gz")):
         if _parse_id(orphan.name.removesuffix("_mask.nii.gz")) not in known:

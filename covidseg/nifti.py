@@ -7,6 +7,7 @@ rotations. The third array axis is then always the axial (inferior to superior) 
 
 from __future__ import annotations
 
+import gzip
 import os
 import tempfile
 import zlib
@@ -16,6 +17,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 from nibabel import orientations
+from nibabel.filebasedimages import ImageFileError
 
 from .errors import DataError
 
@@ -26,11 +28,16 @@ __all__ = [
     "save_volume",
     "orientation_of",
     "check_same_grid",
+    "check_output_path",
+    "write_image_atomically",
 ]
 
 WORKING_ORIENTATION = ("L", "A", "S")
 """Axis codes every loaded volume is reoriented to: axis 0 runs to the patient's left, axis 1
 to anterior, axis 2 to superior (so ``array[:, :, k]`` is an axial slice)."""
+
+_MIN_VOXEL_VOLUME_MM3 = 1e-6
+"""A voxel smaller than this (in mm³) means the header's geometry is missing or broken."""
 
 AFFINE_TOLERANCE_MM = 1e-2
 """Largest difference, in mm, between a study's and its mask's affine that still counts as the same
@@ -86,25 +93,36 @@ def load_volume(path: str | os.PathLike, dtype=None) -> Volume:
         The :class:`Volume`.
 
     Raises:
-        DataError: If the file is missing, truncated, not NIfTI, not 3D, or holds NaN or inf.
+        DataError: If the file is missing, a folder, empty, truncated, not NIfTI, not 3D, has a
+            degenerate affine or a non-numeric voxel type, or holds NaN or inf.
     """
     path = Path(path)
+    if path.is_dir():
+        raise DataError(path, "is a folder, not a NIfTI file (convert a DICOM series to NIfTI first, e.g. with dcm2niix)")
     if not path.is_file():
         raise DataError(path, "file not found")
     try:
         image = nib.load(path)
     except Exception as exc:  # nibabel raises many types for foreign files
-        raise DataError(path, f"not a readable NIfTI file ({_reason(exc)})") from None
+        raise DataError(path, f"not a readable NIfTI file ({_open_problem(exc, path)})") from None
     if not isinstance(image, (nib.Nifti1Image, nib.Nifti2Image)):
         raise DataError(path, f"not a NIfTI file (nibabel read it as {type(image).__name__})")
     if image.ndim != 3:
         raise DataError(path, f"expected a 3D volume, found {image.ndim}D with shape {image.shape}")
+    if min(image.shape) < 1:
+        raise DataError(path, f"empty volume: shape {image.shape}")
+    if not np.isfinite(image.affine).all() or abs(np.linalg.det(image.affine[:3, :3])) < _MIN_VOXEL_VOLUME_MM3:
+        raise DataError(path, "voxel-to-world affine is degenerate (zero or non-finite voxel size); fix the header")
     try:
         raw = np.asanyarray(image.dataobj)
-    except (EOFError, OSError, ValueError, zlib.error) as exc:
-        raise DataError(path, f"truncated or corrupt data ({_reason(exc)})") from None
+    except MemoryError:
+        raise DataError(path, f"too large to load: shape {image.shape}, {image.get_data_dtype()}") from None
+    except Exception as exc:  # EOFError, zlib.error, OSError, ValueError ... for damaged data
+        raise DataError(path, f"truncated or corrupt data ({_reason(exc, path)})") from None
     if dtype is not None:
         raw = raw.astype(dtype, copy=False)
+    if raw.dtype.kind not in "biuf":
+        raise DataError(path, f"unsupported voxel type {raw.dtype} (expected integers or floats)")
     if raw.dtype.kind == "f" and not np.isfinite(raw).all():
         bad = int((~np.isfinite(raw)).sum())
         raise DataError(path, f"{bad} voxels are NaN or infinite")
@@ -148,14 +166,25 @@ def save_volume(array: np.ndarray, like: Volume, path: str | os.PathLike, descri
 def write_image_atomically(image: nib.Nifti1Image, path: str | os.PathLike) -> Path:
     """Save a nibabel image to ``path`` through a temporary file and a rename.
 
+    Either the new file is complete at ``path`` or, if anything fails, the file that was there
+    before is untouched and no temporary file is left behind.
+
+    Args:
+        image: The image to write.
+        path: A ``.nii`` or ``.nii.gz`` file name (its folder is created).
+
+    Returns:
+        ``path``.
+
     Raises:
-        DataError: If the folder is not writable or the disk is full; nothing is left behind.
+        DataError: If ``path`` is a folder or not a NIfTI file name, its folder is not writable,
+            or the disk is full.
     """
     path = Path(path)
-    suffix = "".join(path.suffixes) or ".nii.gz"
+    check_output_path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=suffix)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=_nifti_suffix(path))
         os.close(fd)
     except OSError as exc:
         raise DataError(path, f"cannot write here ({exc.strerror or exc})") from None
@@ -163,11 +192,40 @@ def write_image_atomically(image: nib.Nifti1Image, path: str | os.PathLike) -> P
         nib.save(image, tmp)
         os.replace(tmp, path)
     except OSError as exc:
-        raise DataError(path, f"could not be written ({exc.strerror or exc})") from None
+        raise DataError(path, f"could not be written ({exc.strerror or exc}); nothing was changed") from None
+    except Exception as exc:  # nibabel's own errors, e.g. for a header it cannot encode
+        raise DataError(path, f"could not be written ({_reason(exc, Path(tmp))}); nothing was changed") from None
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
     return path
+
+
+def check_output_path(path: str | os.PathLike) -> Path:
+    """Check, before any work is done, that ``path`` can name a NIfTI file to write.
+
+    Raises:
+        DataError: If ``path`` is an existing folder, does not end in ``.nii`` or ``.nii.gz``, or
+            lies under an existing file.
+    """
+    path = Path(path)
+    if path.is_dir():
+        raise DataError(path, "is a folder; give a file name such as mask.nii.gz")
+    if not _nifti_suffix(path):
+        raise DataError(path, "output file name must end in .nii.gz or .nii")
+    parent = next((p for p in path.parents if p.exists()), None)
+    if parent is not None and not parent.is_dir():
+        raise DataError(path, f"cannot write here: {parent} is a file, not a folder")
+    return path
+
+
+def _nifti_suffix(path: Path) -> str:
+    """``'.nii.gz'`` or ``'.nii'`` (in the case the file name has it), else ``''``."""
+    name = path.name.lower()
+    for suffix in (".nii.gz", ".nii"):
+        if name.endswith(suffix) and len(name) > len(suffix):
+            return path.name[-len(suffix):]
+    return ""
 
 
 def check_same_grid(study: Volume, mask: Volume) -> None:
@@ -184,6 +242,37 @@ def check_same_grid(study: Volume, mask: Volume) -> None:
         raise DataError(mask.path, f"mask affine differs from its study's by up to {gap:.3g} mm")
 
 
-def _reason(exc: BaseException) -> str:
-    text = " ".join(str(exc).split()) or type(exc).__name__
+def _open_problem(exc: BaseException, path: Path) -> str:
+    """Why nibabel could not open ``path``, in plain words."""
+    if path.stat().st_size == 0:
+        return "the file is empty"
+    if isinstance(exc, gzip.BadGzipFile):
+        return "named .gz but not gzip-compressed"
+    if isinstance(exc, (EOFError, zlib.error)) or _gzip_damage(path):
+        return "truncated: the gzip stream is damaged or ends early"
+    if isinstance(exc, ImageFileError):
+        return "no NIfTI-1 or NIfTI-2 header"
+    return _reason(exc, path)
+
+
+def _gzip_damage(path: Path) -> bool:
+    """Whether ``path`` is gzip data that cannot be decompressed to its end."""
+    try:
+        with open(path, "rb") as handle:
+            if handle.read(2) != b"\x1f\x8b":
+                return False
+        with gzip.open(path, "rb") as stream:
+            while stream.read(1 << 22):
+                pass
+    except (EOFError, OSError, zlib.error):
+        return True
+    return False
+
+
+def _reason(exc: BaseException, path: Path | None = None) -> str:
+    """A short one-line reason from a third-party exception, without repeating the file name."""
+    text = str(exc)
+    if path is not None:
+        text = text.replace(f'"{path}"', "the file").replace(f"'{path}'", "the file").replace(str(path), "the file")
+    text = " ".join(text.split()) or type(exc).__name__
     return text if len(text) < 160 else text[:157] + "..."

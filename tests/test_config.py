@@ -9,6 +9,8 @@ def test_thesis_preset_has_the_thesis_hyperparameters():
     assert thesis.encoder_weights == "imagenet"
     quick = get_preset("quick")
     assert quick.image_size < thesis.image_size and quick.max_epochs < thesis.max_epochs and quick.unet_width < 64
+    assert quick.encoder_weights is None, "quick runs offline (CI), so encoders start from random weights"
+    assert thesis.slices_per_epoch is None and quick.slices_per_epoch < 1428
 
 
 def test_config_is_frozen_and_round_trips():

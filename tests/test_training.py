@@ -19,7 +19,7 @@ def all_studies(tmp_path_factory):
 
 
 def tiny_config(**changes):
-    values = dict(image_size=16, unet_width=4, batch_size=16, max_epochs=3)
+    values = dict(image_size=16, unet_width=4, batch_size=16, max_epochs=3, slices_per_epoch=None)
     return get_preset("quick").replace(**{**values, **changes})
 
 
