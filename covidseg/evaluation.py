@@ -26,8 +26,10 @@ from .splits import get_split
 __all__ = ["evaluate_run", "predict_part", "format_report"]
 
 
-def predict_part(run_dir, data_dir=None, part: str = "test", device: str = "auto", batch_size: int = 8, progress: bool = True):
-    """Predict every study of one part of the run's split.
+def predict_part(
+    run_dir, data_dir=None, part: str = "test", device: str = "auto", batch_size: int = 8, progress: bool = True, studies=None
+):
+    """Predict every study of one part of the run's split (or only ``studies``, ids of that part).
 
     Returns:
         ``(predictions, truths, images, config, device, data_dir)``: dicts from study id to
@@ -38,6 +40,11 @@ def predict_part(run_dir, data_dir=None, part: str = "test", device: str = "auto
     device = next(model.parameters()).device
     data_dir = resolve_data_dir(data_dir, phantom_size=config.image_size, progress=progress)
     ids = get_split(config.split).part(part)
+    if studies is not None:
+        outside = sorted(set(studies) - set(ids))
+        if outside:
+            raise ValueError(f"studies {outside} are not in the {part} part of split {config.split!r}")
+        ids = [i for i in ids if i in set(studies)]
     dataset = SliceDataset(annotated_studies(data_dir, ids), config.image_size, progress=progress)
     predictions, truths, images = {}, {}, {}
     for entry in dataset.studies:

@@ -1,6 +1,7 @@
 import json
 
 import pytest
+import torch
 
 from covidseg.config import get_preset
 from covidseg.errors import CheckpointError
@@ -8,6 +9,15 @@ from covidseg.mosmed import ANNOTATED_IDS
 from covidseg.training import EarlyStopping, fit
 
 from conftest import write_tiny_dataset
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny tensors: one thread avoids oversubscribing a shared CPU."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
