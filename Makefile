@@ -5,7 +5,8 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.covidseg-installed
-CHAPTERS := $(sort $(wildcard book/*.md))
+# The chapters of _toc.yml, in order (the root page first).
+CHAPTERS := $(shell sed -n 's/^root: *\(.*\)/\1.md/p; s/^ *- file: *\(.*\)/\1.md/p' _toc.yml)
 NOTEBOOK_DIR ?= $(or $(TMPDIR),/tmp)/covidseg-nbval
 CELL_TIMEOUT ?= 1800
 

@@ -21,6 +21,7 @@ __all__ = [
     "comparison_grid",
     "learning_curve",
     "hu_histogram",
+    "interval_plot",
 ]
 
 CT_WINDOW = (-1.0, 1.0)
@@ -86,9 +87,7 @@ def slice_grid(images: np.ndarray, predictions: np.ndarray, truths: np.ndarray, 
         show_slice(row[0], images[k], title=f"CT, slice {k}")
         show_slice(row[1], images[k], predictions[k], PREDICTION_COLOUR, title="prediction")
         show_slice(row[2], images[k], truths[k], TRUTH_COLOUR, title="ground truth")
-    if title:
-        fig.suptitle(title, fontsize=11)
-    fig.tight_layout()
+    _finish_grid(fig, title)
     return fig
 
 
@@ -115,10 +114,18 @@ def comparison_grid(images: np.ndarray, truths: np.ndarray, predictions: Mapping
         show_slice(row[1], images[k], truths[k], TRUTH_COLOUR, title="ground truth")
         for ax, (name, masks) in zip(row[2:], predictions.items()):
             show_slice(ax, images[k], masks[k], PREDICTION_COLOUR, title=name)
-    if title:
-        fig.suptitle(title, fontsize=11)
-    fig.tight_layout()
+    _finish_grid(fig, title)
     return fig
+
+
+def _finish_grid(fig, title: str | None, title_inches: float = 0.4) -> None:
+    """Lay out a grid of slices, keeping ``title_inches`` at the top for the title.
+
+    ``tight_layout`` ignores a suptitle, which then overlaps the first row's panel titles.
+    """
+    if title:
+        fig.suptitle(title, fontsize=11, y=1.0 - 0.08 / fig.get_figheight(), va="top")
+    fig.tight_layout(rect=(0, 0, 1, 1.0 - title_inches / fig.get_figheight()) if title else None)
 
 
 def learning_curve(history: Sequence[Mapping], title: str | None = None, best_epoch: int | None = None):
@@ -157,5 +164,65 @@ def hu_histogram(hu_volume: np.ndarray, clip=(-1000.0, 1000.0), title: str | Non
     ax.set_xlabel("Hounsfield units")
     ax.set_ylabel("voxels (log)")
     ax.set_title(title or "HU histogram; dashed: clipping window")
+    fig.tight_layout()
+    return fig
+
+
+def interval_plot(
+    intervals: Mapping[str, Sequence[float]],
+    reference: Mapping[str, float] | None = None,
+    reference_label: str = "thesis",
+    interval_label: str = "estimate and 95% interval",
+    null_value: float | None = None,
+    xlabel: str = "mean per-study Dice",
+    title: str | None = None,
+):
+    """Point estimates with confidence intervals, one row per name (a forest plot).
+
+    Made for :func:`covidseg.stats.bootstrap_ci` and :func:`covidseg.stats.paired_bootstrap`
+    results: each model's mean per-study Dice with its interval (thesis ch. 10), or each pair's
+    mean difference with its interval and ``null_value=0``.
+
+    Args:
+        intervals: Name -> ``(estimate, low, high)``, drawn top to bottom in the given order.
+        reference: Optional name -> value drawn as a cross on the same row (e.g. the thesis'
+            mean Dice); names missing from it get no cross.
+        reference_label: Legend label of the crosses.
+        interval_label: Legend label of the estimates and their intervals.
+        null_value: Optional x drawn as a dashed vertical line (e.g. 0 for "no difference").
+        xlabel: Label of the x axis.
+        title: Figure title.
+
+    Returns:
+        The matplotlib ``Figure``.
+
+    Raises:
+        ValueError: If ``intervals`` is empty or an entry is not ``low <= estimate <= high``.
+    """
+    import matplotlib.pyplot as plt
+
+    if not intervals:
+        raise ValueError("interval_plot needs at least one interval")
+    names = list(intervals)
+    values = np.array([[float(v) for v in intervals[name]] for name in names])
+    if values.shape[1] != 3 or np.any(values[:, 1] > values[:, 0]) or np.any(values[:, 0] > values[:, 2]):
+        raise ValueError("each interval must be (estimate, low, high) with low <= estimate <= high")
+    rows = np.arange(len(names))[::-1]  # the first name on top
+    fig, ax = plt.subplots(figsize=(6, 1.3 + 0.45 * len(names)))
+    ax.errorbar(values[:, 0], rows, xerr=[values[:, 0] - values[:, 1], values[:, 2] - values[:, 0]], fmt="o",
+                color="steelblue", ecolor="steelblue", capsize=4, label=interval_label)
+    if reference:
+        marked = [(value, row) for name, row in zip(names, rows) if (value := reference.get(name)) is not None]
+        if marked:
+            ax.plot(*zip(*marked), "x", color="crimson", markersize=8, label=reference_label)
+    if null_value is not None:
+        ax.axvline(null_value, color="grey", linestyle="--", linewidth=1)
+    ax.set_yticks(rows, names)
+    ax.set_ylim(-0.6, len(names) - 0.4)
+    ax.set_xlabel(xlabel)
+    ax.grid(axis="x", alpha=0.3)
+    ax.legend(loc="lower left", bbox_to_anchor=(0.0, 1.0), ncol=2, fontsize=8, frameon=False)
+    if title:
+        fig.suptitle(title, fontsize=11)
     fig.tight_layout()
     return fig
