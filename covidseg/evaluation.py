@@ -15,12 +15,11 @@ from pathlib import Path
 import numpy as np
 
 from .dataset import SliceDataset
-from .devices import describe_device
 from .errors import DataError
 from .metrics import evaluate_studies
 from .mosmed import annotated_studies
 from .prediction import THRESHOLD, load_trained_model, predict_probabilities
-from .sources import RunCard, data_source, resolve_data_dir
+from .sources import RunCard, resolve_data_dir
 from .splits import get_split
 
 __all__ = ["evaluate_run", "predict_part", "format_report"]
@@ -82,15 +81,7 @@ def evaluate_run(
     predictions, truths, _, config, device, data_dir = predict_part(run_dir, data_dir, part, device, progress=progress)
     scores = evaluate_studies(predictions, truths)
     history = _read_history(Path(run_dir) / "history.json")
-    card = RunCard(
-        data=data_source(data_dir),
-        model=config.model,
-        device=describe_device(device),
-        epochs=len(history),
-        image_size=config.image_size,
-        seconds=time.perf_counter() - started,
-        preset=config.preset,
-    )
+    card = RunCard.describe(config, data_dir, device, len(history), time.perf_counter() - started)
     report = {
         "part": part,
         "split": config.split,

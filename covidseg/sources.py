@@ -77,3 +77,18 @@ class RunCard:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    @classmethod
+    def describe(cls, config, data_dir, device, epochs: int, seconds: float) -> RunCard:
+        """The card of work done with ``config`` on ``data_dir`` on ``device`` (a ``torch.device``)."""
+        from .devices import describe_device
+
+        return cls(
+            data=data_source(data_dir),
+            model=config.model,
+            device=describe_device(device),
+            epochs=epochs,
+            image_size=config.image_size,
+            seconds=seconds,
+            preset=config.preset,
+        )

@@ -39,14 +39,14 @@ from tqdm.auto import tqdm
 from .checkpoint import load_checkpoint, save_checkpoint
 from .config import TrainConfig
 from .dataset import SliceDataset
-from .devices import describe_device, resolve_device
+from .devices import resolve_device
 from .errors import CheckpointError, DataError
 from .losses import build_loss
 from .metrics import study_scores
 from .models import build_model
 from .mosmed import annotated_studies
 from .prediction import THRESHOLD, predict_probabilities
-from .sources import RunCard, data_source, resolve_data_dir
+from .sources import RunCard, resolve_data_dir
 from .splits import get_split
 
 __all__ = ["EarlyStopping", "FitResult", "TrainingInterrupted", "fit", "validation_dice"]
@@ -249,15 +249,7 @@ def fit(
         # so a resumed run continues exactly as an uninterrupted one.
         raise TrainingInterrupted(run_dir, saved_epoch, epoch) from None
 
-    card = RunCard(
-        data=data_source(data_dir),
-        model=config.model,
-        device=describe_device(device),
-        epochs=len(history),
-        image_size=config.image_size,
-        seconds=time.perf_counter() - started,
-        preset=config.preset,
-    )
+    card = RunCard.describe(config, data_dir, device, len(history), time.perf_counter() - started)
     return FitResult(run_dir, history, stopper.best_epoch, stopper.best_score, stopper.should_stop, card)
 
 
