@@ -182,7 +182,34 @@ def main(argv=None) -> dict:
     print(f"bf16 matmul {args.matmul_size}^3: {ceiling['tflops']:.4g} TFLOP/s", file=sys.stderr)
 
     data_dir = ensure_phantom(args.phantom_size, progress=True)
+    settings = {
+        "device": name,
+        "image_size": args.size,
+        "phantom_size": args.phantom_size,
+        "batch_size": args.batch_size,
+        "epochs_cap": args.epochs,
+        "patience": args.patience,
+        "slices_per_epoch": args.slices_per_epoch or "all",
+        "amp": True,
+        "encoder_weights": None,
+    }
     models, skipped = {}, []
+
+    def save(finished: bool) -> dict:
+        """Write the results so far: a run cut short by its time limit still leaves every finished model."""
+        results = {
+            "settings": settings,
+            "matmul_ceiling": ceiling,
+            "models": models,
+            "skipped_for_time": skipped,
+            "finished": finished,
+            "total_s": round(time.perf_counter() - started, 1),
+            "notes": "training FLOP rate = 3 x forward FLOPs x images/s (backward ~ 2x forward)",
+        }
+        _common.write_results(args.results_name, results, machine)
+        return results
+
+    save(finished=False)
     with tempfile.TemporaryDirectory() as tmp:
         cache_dir, run_root = Path(tmp) / "cache", Path(tmp) / "runs"
         for model_name in args.models:
@@ -199,27 +226,8 @@ def main(argv=None) -> dict:
                 entry["fraction_of_matmul_ceiling"] = round(achieved / ceiling["tflops"], 4)
             models[model_name] = entry
             print(f"  {model_name}: {entry['train_images_per_s']} images/s, {entry['epochs_run']} epochs", file=sys.stderr)
-
-    results = {
-        "settings": {
-            "device": name,
-            "image_size": args.size,
-            "phantom_size": args.phantom_size,
-            "batch_size": args.batch_size,
-            "epochs_cap": args.epochs,
-            "patience": args.patience,
-            "slices_per_epoch": args.slices_per_epoch or "all",
-            "amp": True,
-            "encoder_weights": None,
-        },
-        "matmul_ceiling": ceiling,
-        "models": models,
-        "skipped_for_time": skipped,
-        "total_s": round(time.perf_counter() - started, 1),
-        "notes": "training FLOP rate = 3 x forward FLOPs x images/s (backward ~ 2x forward)",
-    }
-    _common.write_results(args.results_name, results, machine)
-    return results
+            save(finished=False)
+    return save(finished=True)
 
 
 if __name__ == "__main__":
