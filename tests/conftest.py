@@ -1,4 +1,4 @@
-"""Shared fixtures: small NIfTI studies written with nibabel, and the real data in ../shared."""
+"""Shared fixtures: small NIfTI studies written with nibabel, tiny training settings, and the real data in ../shared."""
 
 from __future__ import annotations
 
@@ -7,8 +7,10 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+import torch
 
-from covidseg.mosmed import Study, mask_path, study_path, write_registry
+from covidseg.config import TrainConfig, get_preset
+from covidseg.mosmed import ANNOTATED_IDS, Study, mask_path, study_path, write_registry
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
@@ -24,7 +26,7 @@ LAS_AFFINE = np.array(
 def real_masks() -> Path:
     """The 50 real MosMedData masks, or a skip where ../shared is absent."""
     if not (REAL_MASKS / "study_0255_mask.nii.gz").is_file():
-        pytest.skip(f"real masks not available (expected ../shared/data/mosmed-masks beside the repository)")
+        pytest.skip("real masks not available (expected ../shared/data/mosmed-masks beside the repository)")
     return REAL_MASKS
 
 
@@ -68,4 +70,35 @@ def write_tiny_dataset(root: Path, ids=(255, 256, 257), shape=(32, 32, 6), regis
 def tiny_dataset(tmp_path) -> Path:
     root = tmp_path / "mosmed"
     write_tiny_dataset(root)
+    return root
+
+
+TINY_SHAPE = (16, 16, 3)
+"""Studies so small that the whole thesis split decodes in a fraction of a second."""
+
+TINY_TRAIN_FLAGS = ("--model", "unet", "--preset", "quick", "--image-size", "16", "--unet-width", "4",
+                    "--batch-size", "16", "--slices-per-epoch", "64", "--quiet")
+"""``covidseg train`` flags for the settings of :func:`tiny_config`."""
+
+
+def tiny_config(**changes) -> TrainConfig:
+    """The quick preset shrunk to 16 px images and a width-4 U-Net: an epoch takes about a second."""
+    values = dict(image_size=16, unet_width=4, batch_size=16, slices_per_epoch=64)
+    return get_preset("quick").replace(**{**values, **changes})
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One CPU thread: tiny models run faster without thread hand-offs, and a shared CPU is not oversubscribed."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def tiny50(tmp_path_factory) -> Path:
+    """All 50 annotated ids as tiny studies (:data:`TINY_SHAPE`), so the thesis split trains in seconds."""
+    root = tmp_path_factory.mktemp("tiny50") / "mosmed"
+    write_tiny_dataset(root, ids=ANNOTATED_IDS, shape=TINY_SHAPE)
     return root

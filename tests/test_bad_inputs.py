@@ -27,47 +27,32 @@ import torch
 
 from covidseg.checkpoint import CHECKPOINT_FORMAT, save_checkpoint
 from covidseg.cli import EXIT_ERROR, main
-from covidseg.config import get_preset
 from covidseg.evaluation import evaluate_run
 from covidseg.errors import CheckpointError, DataError
 from covidseg.models import build_model
-from covidseg.mosmed import ANNOTATED_IDS, REGISTRY_NAME, mask_path, study_path
+from covidseg.mosmed import REGISTRY_NAME, mask_path, study_path
 from covidseg.prediction import predict_file
 from covidseg.training import fit
 
-from conftest import LAS_AFFINE, REPO, synthetic_ct, write_nifti, write_tiny_dataset
+from conftest import LAS_AFFINE, REPO, TINY_SHAPE, TINY_TRAIN_FLAGS, synthetic_ct, tiny_config, write_nifti
 
-SHAPE = (16, 16, 2)  # tiny studies: the whole thesis split decodes in a fraction of a second
+SHAPE = TINY_SHAPE
 TRAIN_ID = 255  # in the thesis split's training part
 TEST_ID = 256  # in its test part
-CONFIG = get_preset("quick").replace(image_size=16, unet_width=4, batch_size=16, slices_per_epoch=64, lr=1e-3, max_epochs=1)
-TRAIN_FLAGS = ["--model", "unet", "--preset", "quick", "--image-size", "16", "--unet-width", "4", "--batch-size", "16"]
-TRAIN_FLAGS += ["--slices-per-epoch", "64", "--lr", "0.001", "--quiet"]
+CONFIG = tiny_config(max_epochs=1)
+TRAIN_FLAGS = TINY_TRAIN_FLAGS
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One CPU thread: tiny models run far faster without thread hand-offs on a busy machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # --- fixtures: a tiny dataset, a run folder, and helpers ---------------------------------------
 
 
-@pytest.fixture(scope="module")
-def dataset50(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("tiny50") / "mosmed"
-    write_tiny_dataset(root, ids=ANNOTATED_IDS, shape=SHAPE)
-    return root
-
-
 @pytest.fixture
-def data(dataset50, tmp_path) -> Path:
+def data(tiny50, tmp_path) -> Path:
     """A private copy of the tiny dataset, to damage."""
-    return Path(shutil.copytree(dataset50, tmp_path / "mosmed"))
+    return Path(shutil.copytree(tiny50, tmp_path / "mosmed"))
 
 
 def _run_state(config=CONFIG, epoch=0) -> dict:
@@ -203,7 +188,7 @@ def mask_255(path: Path) -> None:
 
 MASK_DAMAGE = {
     "truncated": (truncate, "truncated"),
-    "other-shape": (mask_other_shape, "mask shape (16, 16, 3) differs from its study's (16, 16, 2)"),
+    "other-shape": (mask_other_shape, f"mask shape {SHAPE[:2] + (SHAPE[2] + 1,)} differs from its study's {SHAPE}"),
     "moved": (mask_moved, "mask affine differs from its study's by up to 4 mm"),
     "labels": (mask_labels, "mask values must be 0 or 1, found 2"),
     "255": (mask_255, "mask values must be 0 or 1, found 255"),

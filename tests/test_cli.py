@@ -15,28 +15,19 @@ import torch
 import covidseg.training as training
 from covidseg.cli import EXIT_BUG, EXIT_ERROR, build_parser, config_from_args, main
 from covidseg.config import PRESETS, get_preset
-from covidseg.mosmed import ANNOTATED_IDS
 from covidseg.splits import get_split
 
-from conftest import synthetic_ct, write_nifti, write_tiny_dataset
+from conftest import TINY_TRAIN_FLAGS, synthetic_ct, write_nifti
 
-TRAIN = ["--model", "unet", "--preset", "quick", "--image-size", "16", "--unet-width", "4", "--batch-size", "16"]
-TRAIN += ["--slices-per-epoch", "64", "--quiet"]
+TRAIN = TINY_TRAIN_FLAGS
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    root = tmp_path_factory.mktemp("tiny50") / "mosmed"
-    write_tiny_dataset(root, ids=ANNOTATED_IDS, shape=(16, 16, 3))
-    return root
+def data(tiny50):
+    return tiny50
 
 
 def one_error_line(capsys) -> str:

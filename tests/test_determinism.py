@@ -10,15 +10,14 @@ import sys
 import pytest
 import torch
 
-from covidseg.config import get_preset
 from covidseg.mosmed import ANNOTATED_IDS
 from covidseg.phantom import write_phantom
 from covidseg.splits import SPLIT_NAMES, get_split
 from covidseg.training import fit
 
-from conftest import REPO, write_tiny_dataset
+from conftest import REPO, tiny_config
 
-CONFIG = get_preset("quick").replace(image_size=16, unet_width=4, batch_size=16, slices_per_epoch=64, lr=1e-3, max_epochs=2)
+CONFIG = tiny_config(max_epochs=2)
 
 _SPLITS_AS_JSON = (
     "import json; from covidseg.splits import SPLIT_NAMES, get_split; "
@@ -26,12 +25,7 @@ _SPLITS_AS_JSON = (
 )
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _splits() -> dict[str, list[list[int]]]:
@@ -67,10 +61,8 @@ def test_phantom_files_are_byte_identical_for_a_seed(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    root = tmp_path_factory.mktemp("tiny50") / "mosmed"
-    write_tiny_dataset(root, ids=ANNOTATED_IDS, shape=(16, 16, 3))
-    return root
+def data(tiny50):
+    return tiny50
 
 
 def _history(result):

@@ -21,27 +21,18 @@ import torch
 import covidseg.training as training
 from covidseg.checkpoint import load_checkpoint
 from covidseg.cli import EXIT_INTERRUPTED, main
-from covidseg.config import get_preset
-from covidseg.mosmed import ANNOTATED_IDS
 from covidseg.training import fit
 
-from conftest import REPO, write_tiny_dataset
+from conftest import REPO, TINY_TRAIN_FLAGS, tiny_config
 
 EPOCHS = 6
-CONFIG = get_preset("quick").replace(image_size=16, unet_width=4, batch_size=16, slices_per_epoch=64, lr=1e-2, max_epochs=EPOCHS)
-FLAGS = ["--model", "unet", "--preset", "quick", "--image-size", "16", "--unet-width", "4", "--batch-size", "16"]
-FLAGS += ["--slices-per-epoch", "64", "--lr", "0.01", "--quiet"]  # a rate at which validation Dice moves
+CONFIG = tiny_config(lr=1e-2, max_epochs=EPOCHS)  # a rate at which validation Dice moves
+FLAGS = (*TINY_TRAIN_FLAGS, "--lr", "0.01")
 POLL_SECONDS = 0.01
 START_TIMEOUT_S = 240  # a cold start on a busy machine: importing torch and decoding the data
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One CPU thread here and in the subprocesses, so that their results can be compared bit for bit."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture
@@ -57,10 +48,8 @@ def python_sigint():
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("tiny50") / "mosmed"
-    write_tiny_dataset(root, ids=ANNOTATED_IDS, shape=(16, 16, 3))
-    return root
+def data(tiny50) -> Path:
+    return tiny50
 
 
 @pytest.fixture(scope="module")

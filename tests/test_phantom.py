@@ -247,7 +247,7 @@ def test_orientation_las(labelled):
 # --- determinism ---------------------------------------------------------------------------------
 def test_same_seed_gives_identical_bytes(tmp_path, dataset):
     a = write_phantom(tmp_path / "a", size=SIZE, annotated_ids=(257,), unannotated=False, progress=False)
-    b = write_phantom(tmp_path / "b", size=SIZE, annotated_ids=(257,), unannotated=False, progress=False)
+    write_phantom(tmp_path / "b", size=SIZE, annotated_ids=(257,), unannotated=False, progress=False)
     c = write_phantom(tmp_path / "c", size=SIZE, seed=1, annotated_ids=(257,), unannotated=False, progress=False)
     files = ("studies/CT-1/study_0257.nii.gz", "masks/study_0257_mask.nii.gz", "dataset_registry.csv", PHANTOM_MARKER)
     for name in files:

@@ -1,36 +1,13 @@
 import json
 
 import pytest
-import torch
 
-from covidseg.config import get_preset
 from covidseg.errors import CheckpointError
-from covidseg.mosmed import ANNOTATED_IDS
 from covidseg.training import EarlyStopping, fit
 
-from conftest import write_tiny_dataset
+from conftest import tiny_config
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: one thread avoids oversubscribing a shared CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def all_studies(tmp_path_factory):
-    """The 50 annotated ids as tiny studies, so the thesis split can be trained on in seconds."""
-    root = tmp_path_factory.mktemp("tiny50")
-    write_tiny_dataset(root, ids=ANNOTATED_IDS, shape=(16, 16, 2))
-    return root
-
-
-def tiny_config(**changes):
-    values = dict(image_size=16, unet_width=4, batch_size=16, max_epochs=3, slices_per_epoch=None)
-    return get_preset("quick").replace(**{**values, **changes})
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_early_stopping_counts_epochs_without_improvement():
@@ -45,8 +22,8 @@ def test_early_stopping_counts_epochs_without_improvement():
     assert restored.should_stop
 
 
-def test_fit_writes_a_complete_run(all_studies, tmp_path):
-    result = fit(tiny_config(), tmp_path / "run", data_dir=all_studies, progress=False)
+def test_fit_writes_a_complete_run(tiny50, tmp_path):
+    result = fit(tiny_config(max_epochs=3), tmp_path / "run", data_dir=tiny50, progress=False)
     run = tmp_path / "run"
     assert {"config.json", "last.pt", "best.pt", "history.csv", "history.json"} <= {p.name for p in run.iterdir()}
     assert [row["epoch"] for row in result.history] == [0, 1, 2]
@@ -57,25 +34,25 @@ def test_fit_writes_a_complete_run(all_studies, tmp_path):
     assert (run / "history.csv").read_text().splitlines()[0] == "epoch,train_loss,val_dice,epoch_seconds,lr"
 
 
-def test_early_stopping_ends_a_run_that_does_not_improve(all_studies, tmp_path):
+def test_early_stopping_ends_a_run_that_does_not_improve(tiny50, tmp_path):
     """With a zero learning rate nothing changes, so the second epoch is no improvement."""
-    result = fit(tiny_config(lr=0.0, patience=1, max_epochs=10), tmp_path / "run", data_dir=all_studies, progress=False)
+    result = fit(tiny_config(lr=0.0, patience=1, max_epochs=10), tmp_path / "run", data_dir=tiny50, progress=False)
     assert len(result.history) == 2 and result.stopped_early and result.best_epoch == 0
 
 
-def test_resume_continues_exactly_like_an_uninterrupted_run(all_studies, tmp_path):
-    full = fit(tiny_config(max_epochs=4), tmp_path / "full", data_dir=all_studies, progress=False)
-    fit(tiny_config(max_epochs=2), tmp_path / "split", data_dir=all_studies, progress=False)
-    resumed = fit(tiny_config(max_epochs=4), tmp_path / "split", data_dir=all_studies, resume=True, progress=False)
+def test_resume_continues_exactly_like_an_uninterrupted_run(tiny50, tmp_path):
+    full = fit(tiny_config(max_epochs=4), tmp_path / "full", data_dir=tiny50, progress=False)
+    fit(tiny_config(max_epochs=2), tmp_path / "split", data_dir=tiny50, progress=False)
+    resumed = fit(tiny_config(max_epochs=4), tmp_path / "split", data_dir=tiny50, resume=True, progress=False)
     strip = lambda history: [(r["epoch"], r["train_loss"], r["val_dice"]) for r in history]  # noqa: E731
     assert strip(resumed.history) == strip(full.history)
 
 
-def test_existing_run_is_not_overwritten_and_config_must_match(all_studies, tmp_path):
-    fit(tiny_config(max_epochs=1), tmp_path / "run", data_dir=all_studies, progress=False)
+def test_existing_run_is_not_overwritten_and_config_must_match(tiny50, tmp_path):
+    fit(tiny_config(max_epochs=1), tmp_path / "run", data_dir=tiny50, progress=False)
     before = (tmp_path / "run" / "last.pt").read_bytes()
     with pytest.raises(CheckpointError, match="already holds a run; pass --resume"):
-        fit(tiny_config(max_epochs=1), tmp_path / "run", data_dir=all_studies, progress=False)
+        fit(tiny_config(max_epochs=1), tmp_path / "run", data_dir=tiny50, progress=False)
     with pytest.raises(CheckpointError, match="another config: lr"):
-        fit(tiny_config(max_epochs=2, lr=0.5), tmp_path / "run", data_dir=all_studies, resume=True, progress=False)
+        fit(tiny_config(max_epochs=2, lr=0.5), tmp_path / "run", data_dir=tiny50, resume=True, progress=False)
     assert (tmp_path / "run" / "last.pt").read_bytes() == before
