@@ -18,11 +18,13 @@ from covidseg import models
 from covidseg.errors import CovidsegError
 from covidseg.models import (
     ENCODERS,
+    LESION_PRIOR,
     MODEL_NAMES,
     UNet,
     WeightsUnavailableError,
     build_model,
     count_parameters,
+    output_head,
 )
 
 # the sizes the thesis reports, in parameters
@@ -58,6 +60,18 @@ def test_forward_and_backward_at_64(name):
     logits.mean().backward()
     grads = [p.grad for p in model.parameters() if p.requires_grad]
     assert all(g is not None and torch.isfinite(g).all() for g in grads)
+
+
+@pytest.mark.parametrize("name", MODEL_NAMES)
+def test_a_new_model_predicts_the_lesion_prior(name):
+    """Lesions are rare: an untrained model starts near LESION_PRIOR, not at 0.5, everywhere."""
+    torch.manual_seed(0)
+    model = randomly_initialised(name)
+    assert torch.allclose(output_head(model).bias, torch.logit(torch.tensor(LESION_PRIOR)))
+    with torch.no_grad():
+        probabilities = torch.sigmoid(model(torch.randn(2, 1, 64, 64)))
+    assert probabilities.median() < 0.1
+    assert output_head(UNet(width=4)).bias.abs().max() < 1  # the bare class keeps PyTorch's init
 
 
 @pytest.mark.slow
