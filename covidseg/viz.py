@@ -208,7 +208,8 @@ def interval_plot(
     if values.shape[1] != 3 or np.any(values[:, 1] > values[:, 0]) or np.any(values[:, 0] > values[:, 2]):
         raise ValueError("each interval must be (estimate, low, high) with low <= estimate <= high")
     rows = np.arange(len(names))[::-1]  # the first name on top
-    fig, ax = plt.subplots(figsize=(6, 1.3 + 0.45 * len(names)))
+    label_inches = 0.085 * max(len(str(name)) for name in names)  # room for the row labels
+    fig, ax = plt.subplots(figsize=(max(6.0, 4.0 + label_inches), 1.3 + 0.45 * len(names)))
     ax.errorbar(values[:, 0], rows, xerr=[values[:, 0] - values[:, 1], values[:, 2] - values[:, 0]], fmt="o",
                 color="steelblue", ecolor="steelblue", capsize=4, label=interval_label)
     if reference:
