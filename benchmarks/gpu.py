@@ -105,7 +105,7 @@ def train_one(model_name: str, args, data_dir: Path, cache_dir: Path, device: to
         model=model_name, encoder_weights=None, image_size=args.size, max_epochs=args.epochs, patience=args.patience,
         batch_size=args.batch_size, device=str(device), amp=True,
     )
-    if args.slices_per_epoch and hasattr(config, "slices_per_epoch"):
+    if args.slices_per_epoch:
         config = config.replace(slices_per_epoch=args.slices_per_epoch)
     clock = _common.StepClock()
     original = training.build_model
