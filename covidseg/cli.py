@@ -132,6 +132,8 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("output", type=Path, metavar="OUT.nii.gz")
     predict.add_argument("--device", type=_device, default="auto")
     predict.add_argument("--batch-size", type=_positive_int, default=8)
+    predict.add_argument("--lungs-box", action="store_true",
+                         help="predict only inside the box around the lungs: faster, but not the same mask (see benchmarks/README.md)")
     return parser
 
 
@@ -214,7 +216,7 @@ def _predict(args) -> None:
         raise DataError(args.output, "is the input study; writing the mask there would destroy it")
     if not args.input.is_file():
         load_volume(args.input)  # raises the DataError that says what the path is instead
-    volume_ml = predict_file(args.run, args.input, args.output, args.batch_size, args.device)
+    volume_ml = predict_file(args.run, args.input, args.output, args.batch_size, args.device, args.lungs_box)
     print(f"lesion volume {volume_ml:.1f} mL; mask written to {args.output}")
 
 

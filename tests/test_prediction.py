@@ -129,3 +129,32 @@ def test_read_only_slices_are_accepted(recwarn):
 
     np.testing.assert_allclose(fast, naive_probabilities(model.eval(), images.copy()), rtol=0, atol=PROBABILITY_TOLERANCE)
     assert not [w for w in recwarn if "not writable" in str(w.message)]
+
+
+def test_with_lungs_box_the_model_runs_on_the_box_and_the_rest_is_background():
+    """With ``lungs_box``, a per-pixel model gives the whole-slice mask inside the box, background outside."""
+    from test_roi import chest
+
+    from covidseg.roi import lung_box
+
+    hu = np.round(chest(size=256) * 1000).astype(np.int16)
+    hu[:, 120:130, 70:80] = -300  # a lesion in the left lung
+    hu[:, 20:40, 120:130] = 300  # dense tissue far from the lungs, which this model also calls
+    volume = np.ascontiguousarray(hu.transpose(1, 2, 0))  # (X, Y, Z), as predict_study takes it
+    model = _ThresholdModel(-600.0).eval()
+    seen = []
+    original = prediction.predict_probabilities
+    spy = lambda model, images, batch_size: seen.append(images.shape) or original(model, images, batch_size)  # noqa: E731
+
+    whole = prediction.predict_study(model, volume, image_size=256)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(prediction, "predict_probabilities", spy)
+        boxed = prediction.predict_study(model, volume, image_size=256, lungs_box=True)
+
+    rows, cols = lung_box(chest(size=256))
+    assert seen == [(4, rows.stop - rows.start, cols.stop - cols.start)] and seen[0][1] * seen[0][2] < 256 * 256 / 2
+    assert np.array_equal(whole, (volume > -600).astype(np.uint8))
+    inside = np.zeros(whole.shape, dtype=bool)
+    inside[rows, cols, :] = True
+    assert np.array_equal(boxed[inside], whole[inside]) and boxed[120:130, 70:80].all()
+    assert not boxed[~inside].any() and whole[20:40, 120:130].all()
