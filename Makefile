@@ -9,6 +9,9 @@ STAMP := $(VENV)/.covidseg-installed
 CHAPTERS := $(shell sed -n 's/^root: *\(.*\)/\1.md/p; s/^ *- file: *\(.*\)/\1.md/p' _toc.yml)
 NOTEBOOK_DIR ?= $(or $(TMPDIR),/tmp)/covidseg-nbval
 CELL_TIMEOUT ?= 1800
+# The chapters' training runs, shared by make test and make book. A finished run is reused only
+# while its config and the package's code are unchanged (covidseg.notebook.train_or_reuse).
+RUNS_DIR ?= $(CURDIR)/book/runs
 
 .PHONY: install test test-unit test-notebooks record-outputs book sync-notebooks clean
 
@@ -31,7 +34,7 @@ test-unit: install
 test-notebooks: install
 	rm -rf $(NOTEBOOK_DIR) && mkdir -p $(NOTEBOOK_DIR)
 	$(BIN)/python tests/nbval_prepare.py $(NOTEBOOK_DIR) $(CHAPTERS)
-	cd $(NOTEBOOK_DIR) && COVIDSEG_QUICK=1 MPLBACKEND=Agg $(abspath $(BIN))/python -m pytest -p no:cacheprovider \
+	cd $(NOTEBOOK_DIR) && COVIDSEG_QUICK=1 COVIDSEG_RUNS=$(RUNS_DIR) MPLBACKEND=Agg $(abspath $(BIN))/python -m pytest -p no:cacheprovider \
 		--nbval-lax --nbval-cell-timeout=$(CELL_TIMEOUT) -o addopts="" -o testpaths="" -v --durations=0 \
 		$(notdir $(CHAPTERS:.md=.ipynb))
 
@@ -41,7 +44,7 @@ record-outputs: install
 	COVIDSEG_QUICK=1 MPLBACKEND=Agg $(BIN)/python tests/nbval_prepare.py --record $(NOTEBOOK_DIR) $(CHAPTERS)
 
 book: install
-	$(BIN)/jupyter-book build --warningiserror --keep-going --path-output . .
+	COVIDSEG_RUNS=$(RUNS_DIR) $(BIN)/jupyter-book build --warningiserror --keep-going --path-output . .
 
 # Regenerate the output-free .ipynb twins (the Colab buttons open them) from the MyST sources.
 sync-notebooks: install

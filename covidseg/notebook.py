@@ -10,6 +10,7 @@ A chapter's parameters cell calls :func:`choose_setup`:
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import platform
@@ -19,7 +20,7 @@ from pathlib import Path
 from .config import QUICK_ENV, TrainConfig, get_preset, preset_from_env
 from .sources import DATA_ENV, data_source, resolve_data_dir
 
-__all__ = ["COLAB_DATA_DIR", "RUNS_ENV", "ChapterSetup", "versions", "choose_setup", "run_dir_for", "train_or_reuse"]
+__all__ = ["COLAB_DATA_DIR", "RUNS_ENV", "ChapterSetup", "versions", "choose_setup", "run_dir_for", "code_fingerprint", "train_or_reuse"]
 
 COLAB_DATA_DIR = Path("/content/mosmeddata")
 """Where the chapters' Colab setup cell downloads the real data."""
@@ -100,8 +101,17 @@ def run_dir_for(config: TrainConfig, root: str | os.PathLike | None = None) -> P
     return root / f"{config.model}-{config.preset}"
 
 
+def code_fingerprint() -> str:
+    """A digest of the package's Python sources: runs trained by other code are not reused."""
+    digest = hashlib.sha256()
+    for path in sorted(Path(__file__).parent.glob("*.py")):
+        digest.update(path.name.encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
 def train_or_reuse(config: TrainConfig, data_dir, run_dir=None, progress: bool = True):
-    """Train ``config`` unless a finished run with the same config exists; resume an unfinished one.
+    """Train ``config`` unless a finished run with the same config, trained by the same code
+    (:func:`code_fingerprint`), exists; resume an unfinished one.
 
     Returns:
         ``(run_dir, history)``.
@@ -111,10 +121,17 @@ def train_or_reuse(config: TrainConfig, data_dir, run_dir=None, progress: bool =
     run_dir = Path(run_dir or run_dir_for(config))
     history_file = run_dir / "history.json"
     finished = run_dir / "finished.json"
-    if finished.is_file() and json.loads(finished.read_text()).get("config") == config.to_dict():
-        if progress:
-            print(f"reusing the finished run in {run_dir}")
-        return run_dir, json.loads(history_file.read_text())
+    identity = {"config": config.to_dict(), "code": code_fingerprint()}
+    if finished.is_file():
+        record = json.loads(finished.read_text())
+        if {key: record.get(key) for key in identity} == identity:
+            if progress:
+                print(f"reusing the finished run in {run_dir}")
+            return run_dir, json.loads(history_file.read_text())
+        print(f"the run in {run_dir} was trained with another config or by other code; training afresh")
+        finished.unlink()
+        for checkpoint in ("last.pt", "best.pt"):
+            (run_dir / checkpoint).unlink(missing_ok=True)
     result = fit(config, run_dir, data_dir=data_dir, resume=(run_dir / "last.pt").is_file(), progress=progress)
-    finished.write_text(json.dumps({"config": config.to_dict(), "best_epoch": result.best_epoch, "card": result.card.to_dict()}, indent=2))
+    finished.write_text(json.dumps({**identity, "best_epoch": result.best_epoch, "card": result.card.to_dict()}, indent=2))
     return run_dir, result.history

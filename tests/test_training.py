@@ -56,3 +56,31 @@ def test_existing_run_is_not_overwritten_and_config_must_match(tiny50, tmp_path)
     with pytest.raises(CheckpointError, match="another config: lr"):
         fit(tiny_config(max_epochs=2, lr=0.5), tmp_path / "run", data_dir=tiny50, resume=True, progress=False)
     assert (tmp_path / "run" / "last.pt").read_bytes() == before
+
+
+def test_a_finished_run_is_reused_only_with_the_same_config_and_code(tiny50, tmp_path, monkeypatch, capsys):
+    from covidseg import notebook
+
+    config, run = tiny_config(max_epochs=1), tmp_path / "run"
+    notebook.train_or_reuse(config, tiny50, run, progress=False)
+    trained = (run / "best.pt").read_bytes()
+
+    _, history = notebook.train_or_reuse(config, tiny50, run, progress=True)
+    assert "reusing the finished run" in capsys.readouterr().out and len(history) == 1
+    assert (run / "best.pt").read_bytes() == trained
+
+    monkeypatch.setattr(notebook, "code_fingerprint", lambda: "other code")
+    _, history = notebook.train_or_reuse(config.replace(max_epochs=2), tiny50, run, progress=False)
+    assert "trained with another config or by other code" in capsys.readouterr().out
+    assert len(history) == 2 and json.loads((run / "finished.json").read_text())["code"] == "other code"
+
+
+def test_the_code_fingerprint_follows_the_package_sources(tmp_path, monkeypatch):
+    from covidseg import notebook
+
+    assert notebook.code_fingerprint() == notebook.code_fingerprint()
+    (tmp_path / "a.py").write_text("x = 1\n")
+    monkeypatch.setattr(notebook, "__file__", str(tmp_path / "notebook.py"))
+    before = notebook.code_fingerprint()
+    (tmp_path / "a.py").write_text("x = 2\n")
+    assert notebook.code_fingerprint() != before
