@@ -94,7 +94,7 @@ PRESETS = {
         unet_width=16,
         image_size=128,
         batch_size=8,
-        max_epochs=4,
+        max_epochs=3,
         slices_per_epoch=320,
         patience=5,
         lr=1e-3,
@@ -102,7 +102,9 @@ PRESETS = {
     ),
 }
 """Named presets. ``quick`` starts smp encoders from random weights (it must run offline, in CI) and uses a
-higher learning rate, so that a few CPU epochs show learning."""
+higher learning rate, so that a few CPU epochs show learning. Three epochs of 320 slices (120 steps) are
+where the ResNet34 and MobileNetV2 U-Nets reached their best validation Dice when they were given four,
+and the VGG19 U-Net's rose from 0 to 0.34; each epoch of VGG19 costs about 3 minutes on 2 cores."""
 
 
 def get_preset(name: str) -> TrainConfig:
