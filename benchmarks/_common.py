@@ -260,6 +260,16 @@ class StepClock:
         return [b - a for a, b in zip(stamps[skip:], stamps[skip + 1 :])]
 
 
+def forward_flops(model, size: int, device="cpu") -> int:
+    """FLOPs of one forward pass of ``model`` on one ``size`` x ``size`` image (torch's FLOP counter)."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model.eval()(torch.zeros(1, 1, size, size, device=device))
+    return int(counter.get_total_flops())
+
+
 def _significant(x: float, digits: int = 4) -> float:
     return float(f"{x:.{digits}g}")
 

@@ -90,16 +90,6 @@ def matmul_ceiling(device: torch.device, n: int, repeat: int = 20) -> dict:
             "spread": round((max(times) - min(times)) / seconds, 3)}
 
 
-def forward_flops(model_name: str, size: int, device: torch.device) -> int:
-    """FLOPs of one forward pass on one ``size`` x ``size`` image."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    model = build_model(model_name, encoder_weights=None).to(device).eval()
-    with FlopCounterMode(display=False) as counter, torch.no_grad():
-        model(torch.zeros(1, 1, size, size, device=device))
-    return int(counter.get_total_flops())
-
-
 def train_one(model_name: str, args, data_dir: Path, cache_dir: Path, device: torch.device, run_root: Path) -> dict:
     config = get_preset("thesis").replace(
         model=model_name, encoder_weights=None, image_size=args.size, max_epochs=args.epochs, patience=args.patience,
@@ -218,7 +208,7 @@ def main(argv=None) -> dict:
                 continue
             print(f"training {model_name} ...", file=sys.stderr, flush=True)
             entry = train_one(model_name, args, data_dir, cache_dir, device, run_root)
-            flops = forward_flops(model_name, args.size, device)
+            flops = _common.forward_flops(build_model(model_name, encoder_weights=None).to(device), args.size, device)
             entry["forward_gflop_per_image"] = round(flops / 1e9, 2)
             if entry["train_images_per_s"]:
                 achieved = 3 * flops * entry["train_images_per_s"] / 1e12
