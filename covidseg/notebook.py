@@ -20,7 +20,7 @@ from pathlib import Path
 from .config import QUICK_ENV, TrainConfig, get_preset, preset_from_env
 from .sources import DATA_ENV, data_source, resolve_data_dir
 
-__all__ = ["COLAB_DATA_DIR", "RUNS_ENV", "ChapterSetup", "versions", "choose_setup", "run_dir_for", "code_fingerprint", "train_or_reuse"]
+__all__ = ["COLAB_DATA_DIR", "RUNS_ENV", "ChapterSetup", "versions", "choose_setup", "run_dir_for", "code_fingerprint", "train_or_reuse", "evaluate_or_reuse"]
 
 COLAB_DATA_DIR = Path("/content/mosmeddata")
 """Where the chapters' Colab setup cell downloads the real data."""
@@ -32,9 +32,10 @@ the comparison chapter reuses the models the model chapters trained."""
 
 def versions() -> str:
     """One line with the versions that matter and the compute device."""
+    from importlib.metadata import version
+
     import nibabel
     import numpy
-    import segmentation_models_pytorch as smp
     import torch
 
     from . import __version__
@@ -42,7 +43,7 @@ def versions() -> str:
 
     return (
         f"covidseg {__version__} | python {platform.python_version()} | torch {torch.__version__} | "
-        f"smp {smp.__version__} | nibabel {nibabel.__version__} | numpy {numpy.__version__} | "
+        f"smp {version('segmentation-models-pytorch')} | nibabel {nibabel.__version__} | numpy {numpy.__version__} | "
         f"device: {describe_device(resolve_device('auto'))}"
     )
 
@@ -135,3 +136,28 @@ def train_or_reuse(config: TrainConfig, data_dir, run_dir=None, progress: bool =
     result = fit(config, run_dir, data_dir=data_dir, resume=(run_dir / "last.pt").is_file(), progress=progress)
     finished.write_text(json.dumps({**identity, "best_epoch": result.best_epoch, "card": result.card.to_dict()}, indent=2))
     return run_dir, result.history
+
+
+def evaluate_or_reuse(run_dir, data_dir, part: str = "test") -> dict:
+    """A run's scores on ``part`` (:func:`covidseg.evaluation.evaluate_run`), kept in
+    ``<run_dir>/<part>-scores.json`` and reused while the run's checkpoint, the data folder and the
+    package's code are unchanged: chapter 9 reuses the scores that chapters 5-8 computed.
+    """
+    from .evaluation import _write_json_atomically, evaluate_run
+
+    run_dir = Path(run_dir)
+    checkpoint = next((run_dir / name for name in ("best.pt", "last.pt") if (run_dir / name).is_file()), None)
+    if checkpoint is None:
+        return evaluate_run(run_dir, data_dir, part=part, progress=False)  # raises the error that says why
+    stat = checkpoint.stat()
+    identity = {"checkpoint": [checkpoint.name, stat.st_size, stat.st_mtime_ns], "data": str(Path(data_dir).resolve()), "code": code_fingerprint()}
+    saved_file = run_dir / f"{part}-scores.json"
+    try:
+        saved = json.loads(saved_file.read_text())
+    except (OSError, ValueError):
+        saved = None
+    if isinstance(saved, dict) and saved.get("identity") == identity:
+        return saved["report"]
+    report = evaluate_run(run_dir, data_dir, part=part, progress=False)
+    _write_json_atomically(saved_file, {"identity": identity, "report": report})
+    return report

@@ -84,3 +84,24 @@ def test_the_code_fingerprint_follows_the_package_sources(tmp_path, monkeypatch)
     before = notebook.code_fingerprint()
     (tmp_path / "a.py").write_text("x = 2\n")
     assert notebook.code_fingerprint() != before
+
+
+def test_scores_are_reused_until_the_checkpoint_changes(tiny50, tmp_path, monkeypatch):
+    from covidseg import evaluation, notebook
+
+    run = tmp_path / "run"
+    notebook.train_or_reuse(tiny_config(max_epochs=1), tiny50, run, progress=False)
+    calls = []
+    real = evaluation.evaluate_run
+    monkeypatch.setattr(evaluation, "evaluate_run", lambda *a, **k: calls.append(a) or real(*a, **k))
+
+    first = notebook.evaluate_or_reuse(run, tiny50)
+    again = notebook.evaluate_or_reuse(run, tiny50)
+    assert len(calls) == 1 and again == first and (run / "test-scores.json").is_file()
+    assert first["mean_dice"] == real(run, tiny50, progress=False)["mean_dice"]
+
+    (run / "best.pt").write_bytes((run / "best.pt").read_bytes())  # a new checkpoint: scored again
+    notebook.evaluate_or_reuse(run, tiny50)
+    (run / "test-scores.json").write_text("{not json")  # a damaged file is replaced, not trusted
+    notebook.evaluate_or_reuse(run, tiny50)
+    assert len(calls) == 3 and json.loads((run / "test-scores.json").read_text())["report"]["part"] == "test"
