@@ -52,7 +52,7 @@ from covidseg.dataset import from_slices, resize_slices, to_slices
 from covidseg.metrics import study_scores
 from covidseg.models import MODEL_NAMES
 from covidseg.nifti import load_volume, save_volume
-from covidseg.prediction import THRESHOLD, load_trained_model, predict_probabilities
+from covidseg.prediction import THRESHOLD, fold_batch_norm, load_trained_model, predict_probabilities
 from covidseg.preprocessing import check_hu_range, preprocess_hu
 from covidseg.roi import lung_box
 
@@ -97,25 +97,6 @@ def naive_predict_file(run_dir, in_path, out_path, batch_size: int = 8) -> float
 # ---------------------------------------------------------------------------------------------
 # Candidate optimisations
 # ---------------------------------------------------------------------------------------------
-
-
-def fold_batch_norm(model: torch.nn.Module) -> torch.nn.Module:
-    """A copy of an eval-mode model with every BatchNorm2d that directly follows a Conv2d folded
-    into it (``nn.Sequential`` neighbours, and torchvision-style ``convN``/``bnN`` pairs)."""
-    from torch.nn.utils.fusion import fuse_conv_bn_eval
-
-    model = copy.deepcopy(model).eval()
-    for parent in list(model.modules()):
-        names = list(parent._modules)
-        pairs = list(zip(names, names[1:])) if isinstance(parent, torch.nn.Sequential) else [
-            (n, "bn" + n[4:]) for n in names if n.startswith("conv") and "bn" + n[4:] in parent._modules
-        ]
-        for conv_name, bn_name in pairs:
-            conv, bn = parent._modules[conv_name], parent._modules[bn_name]
-            if isinstance(conv, torch.nn.Conv2d) and isinstance(bn, torch.nn.BatchNorm2d):
-                parent._modules[conv_name] = fuse_conv_bn_eval(conv, bn)
-                parent._modules[bn_name] = torch.nn.Identity()
-    return model
 
 
 def fast_forward(model, images, batch_size=8, channels_last=True, bf16=False, grad_mode="inference") -> np.ndarray:
@@ -237,7 +218,7 @@ def ablation(model, slices, args) -> dict:
     """Each optimisation against the naive forward, interleaved, on ``slices``."""
     base = model.eval()
     nhwc = copy.deepcopy(base).to(memory_format=torch.channels_last)
-    folded = fold_batch_norm(base).to(memory_format=torch.channels_last)
+    folded = fold_batch_norm(copy.deepcopy(base).eval()).to(memory_format=torch.channels_last)
     variants = {
         "naive (no_grad, NCHW, batch 8)": lambda: naive_probabilities(base, slices, 8),
         "inference_mode": lambda: fast_forward(base, slices, 8, channels_last=False),

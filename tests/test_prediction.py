@@ -56,6 +56,18 @@ def test_fast_path_equals_the_naive_forward(name):
     assert np.array_equal((fast >= THRESHOLD)[decided], (reference >= THRESHOLD)[decided])
 
 
+@pytest.mark.parametrize("name", FAST_PATH_CASES)
+def test_batch_norm_is_folded_away_in_every_model(name):
+    model = build_model(name, encoder_weights=None, width=4).eval()
+    batch_norms = sum(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
+
+    folded = prediction.fold_batch_norm(copy.deepcopy(model))
+
+    assert batch_norms > 0 or name == "unet-vgg19"  # VGG19's encoder has none; its decoder has
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules())
+    assert sum(isinstance(m, torch.nn.Conv2d) for m in folded.modules()) == sum(isinstance(m, torch.nn.Conv2d) for m in model.modules())
+
+
 def test_lesion_volume_in_millilitres():
     mask = np.zeros((4, 4, 3), dtype=np.uint8)
     mask[1:3, 1:3, 1] = 1  # 4 voxels of 0.5 x 0.5 x 5 mm = 1.25 mm³ each: 5 mm³ = 0.005 mL
