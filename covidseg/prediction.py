@@ -80,7 +80,9 @@ def fold_batch_norm(model: torch.nn.Module) -> torch.nn.Module:
     ``convN``/``bnN`` attributes (ResNet's basic blocks, which apply ``bnN`` right after
     ``convN``). In eval mode batch norm is an affine map per channel, so the folded convolution
     computes the same function, to within float rounding, with one pass over memory instead of two
-    (:func:`torch.nn.utils.fusion.fuse_conv_bn_eval`).
+    (:func:`torch.nn.utils.fusion.fuse_conv_bn_eval`). ``torch.fx.experimental.optimization.fuse``
+    would find the pairs from the traced graph, but it cannot trace :class:`~covidseg.models.UNet`,
+    whose input-size check is Python control flow.
 
     Args:
         model: A model in eval mode.
