@@ -1,0 +1,169 @@
+"""Writing files safely: write-then-rename, the user's umask, and no temporaries left behind.
+
+Every file covidseg writes (checkpoints, histories, masks, phantom studies, score files, downloads)
+goes through :func:`atomic_write` or :func:`atomic_path`: the data is written to a hidden temporary
+file in the target's folder, flushed to disk, given the mode a plain ``open(path, "w")`` would
+give it, and renamed over the target. A reader sees the old file or the new one, never a partial
+one, and a failed write leaves the old file untouched.
+
+Temporary names carry the writer's process id, ``.NAME.PID.RANDOM.tmp``, so that
+:func:`remove_stale_temporaries` can remove what a killed process left behind without touching a
+file that a live process is still writing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import secrets
+import shutil
+import stat
+from collections.abc import Iterator
+from pathlib import Path
+
+__all__ = [
+    "atomic_path",
+    "atomic_write",
+    "new_file_mode",
+    "remove_stale_temporaries",
+    "temporary_name",
+]
+
+_TEMPORARY = re.compile(r"^\.(?P<name>.+)\.(?P<pid>\d+)\.[0-9a-f]{8}\.tmp(?P<suffix>\.[\w.]+)?$")
+
+
+def temporary_name(path: str | os.PathLike, suffix: str = "") -> Path:
+    """A fresh hidden temporary path beside ``path``: ``.NAME.PID.RANDOM.tmp[SUFFIX]``.
+
+    Args:
+        path: The target file or folder.
+        suffix: Appended after ``.tmp``, for writers that choose the format by the file name
+            (``.nii.gz`` for nibabel).
+    """
+    path = Path(path)
+    return path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp{suffix}")
+
+
+def new_file_mode(path: str | os.PathLike) -> int:
+    """The permission bits ``open(path, "w")`` would leave: those of the file being replaced, or
+    ``0o666`` less the process umask for a new file."""
+    try:
+        return stat.S_IMODE(os.stat(path).st_mode)
+    except OSError:
+        umask = os.umask(0)
+        os.umask(umask)
+        return 0o666 & ~umask
+
+
+def _sync_folder(folder: Path) -> None:
+    """Flush a rename to disk (best effort: not every platform can open a folder)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
+    """Yield a temporary path beside ``path`` for a writer that wants a file name; when the block
+    ends without an exception the file is flushed, given :func:`new_file_mode` and renamed over
+    ``path``. On an exception the temporary file is removed and ``path`` is untouched.
+
+    The temporary file is created empty and exclusively (never through a symbolic link).
+
+    Args:
+        path: The target file; its folder is created if missing.
+        suffix: See :func:`temporary_name`.
+
+    Raises:
+        OSError: If the folder cannot be written, the disk is full, or the rename fails.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temporary_name(path, suffix)
+    mode = new_file_mode(path)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o600)
+    os.close(fd)
+    try:
+        yield tmp
+        fd = os.open(tmp, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.chmod(tmp, mode)
+        os.replace(tmp, path)
+        _sync_folder(path.parent)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+
+
+@contextlib.contextmanager
+def atomic_write(path: str | os.PathLike, mode: str = "w", encoding: str | None = "utf-8"):
+    """Open a temporary file beside ``path`` for writing; rename it over ``path`` when the block
+    ends without an exception (see :func:`atomic_path`).
+
+    Args:
+        path: The target file.
+        mode: ``"w"`` (text) or ``"wb"`` (bytes).
+        encoding: Text encoding (ignored for ``"wb"``).
+
+    Example:
+        >>> import tempfile, pathlib
+        >>> target = pathlib.Path(tempfile.mkdtemp()) / "history.json"
+        >>> with atomic_write(target) as handle:
+        ...     _ = handle.write("[]\\n")
+        >>> target.read_text()
+        '[]\\n'
+    """
+    if mode not in ("w", "wb"):
+        raise ValueError(f"mode must be 'w' or 'wb', got {mode!r}")
+    with atomic_path(path) as tmp:
+        with open(tmp, mode, encoding=None if "b" in mode else encoding) as handle:
+            yield handle
+            handle.flush()
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale_temporaries(folder: str | os.PathLike) -> list[Path]:
+    """Remove the temporary files and folders (see :func:`temporary_name`) that processes which
+    are no longer running left in ``folder`` (killed by SIGKILL or a power loss).
+
+    Returns:
+        The paths removed.
+    """
+    removed = []
+    try:
+        entries = list(Path(folder).iterdir())
+    except OSError:
+        return removed
+    for entry in entries:
+        match = _TEMPORARY.match(entry.name)
+        if match is None or _alive(int(match["pid"])):
+            continue
+        with contextlib.suppress(OSError):
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry)
+            else:
+                entry.unlink()
+            removed.append(entry)
+    return removed
