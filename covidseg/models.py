@@ -14,7 +14,7 @@ ImageNet weights come from the Hugging Face Hub (smp 0.6 repos ``smp-hub/<encode
 or from the local Hugging Face cache. Offline, and not cached, :func:`build_model` fails at once
 with :class:`WeightsUnavailableError` instead of retrying for half a minute. A local weights
 file or folder can be given instead; its first convolution is adapted from RGB to one channel
-as smp does (see :func:`load_encoder_weights`).
+with smp's own rule (see :func:`load_encoder_weights`).
 """
 
 from __future__ import annotations
@@ -225,8 +225,11 @@ def _smp_unet(name: str, encoder_weights) -> nn.Module:
             raise WeightsUnavailableError(
                 None, f"could not download {encoder_weights} weights for {encoder}: "
                 f"{type(err).__name__}; {_HOW_TO_PROCEED}") from err
-    model = smp.Unet(encoder, encoder_weights=None, in_channels=IN_CHANNELS, classes=CLASSES)
+    # Built for RGB, loaded as the weights were made, then given one input channel by smp's own
+    # rule (the same the Hub path above applies); the decoder does not depend on the input channels.
+    model = smp.Unet(encoder, encoder_weights=None, in_channels=3, classes=CLASSES)
     load_encoder_weights(model.encoder, encoder_weights)
+    model.encoder.set_in_channels(IN_CHANNELS, pretrained=True)
     return model
 
 
@@ -316,7 +319,7 @@ def _hub_reachable(url: str, timeout: float = HUB_PROBE_TIMEOUT_S) -> bool:
 
 
 def load_encoder_weights(encoder: nn.Module, path: str | os.PathLike) -> None:
-    """Load an encoder's RGB state dict from a file or folder into a 1-channel ``encoder``.
+    """Load an encoder's RGB state dict from a file or folder into an RGB ``encoder``.
 
     The file is a torch state dict (``.pth``, ``.pt``, ``.bin``, loaded with
     ``weights_only=True``) or a ``.safetensors`` file, holding the encoder's weights as made for
@@ -324,12 +327,13 @@ def load_encoder_weights(encoder: nn.Module, path: str | os.PathLike) -> None:
     snapshot, or torchvision's ImageNet weights, whose classifier smp's encoders drop). A folder
     must contain ``model.safetensors`` or ``pytorch_model.bin``, or a single weights file.
 
-    The first convolution's RGB kernel is summed over its input channels, as smp's
-    ``encoders._utils.patch_first_conv`` does for ``new_in_channels == 1``: a grey image ``g``
-    seen as RGB ``(g, g, g)`` then gives exactly the same response.
+    :func:`build_model` then gives the encoder one input channel with smp's
+    ``set_in_channels(1)`` (``encoders._utils.patch_first_conv``), which sums the first
+    convolution's RGB kernel over its input channels: a grey image ``g`` seen as RGB
+    ``(g, g, g)`` gives exactly the same response.
 
     Args:
-        encoder: An smp encoder built with ``in_channels=1``, modified in place.
+        encoder: An smp encoder built with ``in_channels=3``, modified in place.
         path: The weights file, or a folder containing it.
 
     Raises:
@@ -339,12 +343,6 @@ def load_encoder_weights(encoder: nn.Module, path: str | os.PathLike) -> None:
     """
     file = _weights_file(Path(path))
     state_dict = _read_state_dict(file)
-    first_conv = next(
-        (name for name, module in encoder.named_modules() if isinstance(module, nn.Conv2d)), None)
-    key = f"{first_conv}.weight"
-    weight = state_dict.get(key)
-    if isinstance(weight, torch.Tensor) and weight.ndim == 4 and weight.shape[1] == 3:
-        state_dict[key] = weight.sum(dim=1, keepdim=True)  # smp's patch_first_conv, 1 channel
     try:
         encoder.load_state_dict(state_dict, strict=True)
     except RuntimeError as err:
