@@ -1,6 +1,51 @@
 """covidseg: reproducible COVID-19 lung-lesion segmentation on chest CT (MosMedData).
 
-Importing the package has no side effects: nothing is downloaded, seeded, styled or generated.
+Importing the package has no side effects and no cost: nothing is downloaded, seeded, styled or
+generated, and no submodule is imported. The entry points a reader calls first are reachable from
+the top level and are imported on first use (a module ``__getattr__``, PEP 562)::
+
+    import covidseg
+    model = covidseg.build_model("unet-resnet34", encoder_weights=None)
+    config = covidseg.get_preset("quick")
+
+Everything else lives in the module named for its concept (``covidseg.metrics``,
+``covidseg.nifti``, ...).
 """
 
+from __future__ import annotations
+
+import importlib
+
 __version__ = "0.1.0"
+
+_ENTRY_POINTS = {
+    "build_model": "models",
+    "MODEL_NAMES": "models",
+    "TrainConfig": "config",
+    "get_preset": "config",
+    "fit": "training",
+    "evaluate_run": "evaluation",
+    "evaluate_studies": "metrics",
+    "predict_file": "prediction",
+    "load_volume": "nifti",
+    "get_split": "splits",
+    "ensure_phantom": "phantom",
+    "write_phantom": "phantom",
+}
+"""Top-level name -> the module (``covidseg.<module>``) that defines it. A name equal to a
+submodule's (``download``) cannot be listed: importing the submodule rebinds it."""
+
+__all__ = ["__version__", *_ENTRY_POINTS]
+
+
+def __getattr__(name: str):
+    module = _ENTRY_POINTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'covidseg' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value  # later look-ups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_ENTRY_POINTS))
