@@ -60,8 +60,8 @@ def describe_contents(names: list[str]) -> str:
 def run_lock(run_dir: str | os.PathLike) -> Iterator[bool]:
     """Hold the run folder's lock while the block runs; yield whether the folder was created.
 
-    The folder is created if missing; if the block fails and leaves nothing in a folder this
-    call created, the folder is removed again. Stale temporary files of killed writers are
+    The folder is created if missing; if the block fails before a run file is written, the lock
+    file (and the folder) this call created are removed again. Stale temporary files of killed writers are
     removed once the lock is held.
 
     Raises:
@@ -71,13 +71,14 @@ def run_lock(run_dir: str | os.PathLike) -> Iterator[bool]:
     run_dir = Path(run_dir)
     created = not run_dir.exists()
     run_dir.mkdir(parents=True, exist_ok=True)
+    new_lock = not (run_dir / LOCK_NAME).exists()
     lock = FileLock(run_dir / LOCK_NAME, timeout=0)
     try:
         lock.acquire()
     except Timeout:
         raise RunFolderError(run_dir, f"another covidseg process is writing this run folder ({_owner(run_dir)}); "
                                       "wait for it to finish or choose another --out") from None
-    failed = False
+    failed, before = False, folder_contents(run_dir)
     try:
         with atomic_write(run_dir / OWNER_NAME) as handle:
             handle.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
@@ -90,10 +91,11 @@ def run_lock(run_dir: str | os.PathLike) -> Iterator[bool]:
         with contextlib.suppress(OSError):
             (run_dir / OWNER_NAME).unlink()
         lock.release()
-        if failed and created and not folder_contents(run_dir):
-            with contextlib.suppress(OSError):
+        if failed and new_lock and folder_contents(run_dir) == before:
+            with contextlib.suppress(OSError):  # a run that failed before writing anything leaves nothing
                 (run_dir / LOCK_NAME).unlink()
-                run_dir.rmdir()
+                if created:
+                    run_dir.rmdir()
 
 
 def _owner(run_dir: Path) -> str:
