@@ -119,7 +119,9 @@ def _read_history(path: Path) -> list:
 
 
 def is_report(path: str | os.PathLike) -> bool:
-    """Whether ``path`` holds a report :func:`evaluate_run` wrote (so ``--json`` may replace it).
+    """Whether ``--json`` may replace ``path``: a report :func:`evaluate_run` wrote (its
+    ``format``, or, for reports written before it had one, a ``mean_dice`` or all of
+    ``part, split, per_study, run_card``), or an empty JSON object, which holds nothing to lose.
 
     Files larger than 64 MiB are not read (no report is that large).
     """
@@ -129,7 +131,9 @@ def is_report(path: str | os.PathLike) -> bool:
         value = json.loads(Path(path).read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, ValueError):
         return False
-    return isinstance(value, dict) and (value.get("format") == REPORT_FORMAT or all(key in value for key in _REPORT_KEYS))
+    if not isinstance(value, dict):
+        return False
+    return value == {} or value.get("format") == REPORT_FORMAT or "mean_dice" in value or all(key in value for key in _REPORT_KEYS)
 
 
 def format_report(report: dict) -> str:

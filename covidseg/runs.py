@@ -80,7 +80,7 @@ def run_lock(run_dir: str | os.PathLike) -> Iterator[bool]:
                                       "wait for it to finish or choose another --out") from None
     failed, before = False, folder_contents(run_dir)
     try:
-        with atomic_write(run_dir / OWNER_NAME) as handle:
+        with contextlib.suppress(OSError), atomic_write(run_dir / OWNER_NAME) as handle:  # only for the message
             handle.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
         remove_stale_temporaries(run_dir)
         yield created

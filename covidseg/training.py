@@ -187,6 +187,8 @@ def _check_run_folder(run_dir: Path, config: TrainConfig, resume: bool) -> dict 
     contents = folder_contents(run_dir)
     last_path = run_dir / "last.pt"
     if not resume:
+        if last_path.is_file():
+            raise RunFolderError(last_path, "run folder already holds a run; pass --resume to continue it or choose another --out")
         if any(is_run_file(name) for name in contents):
             raise RunFolderError(run_dir, f"already holds a run; pass --resume to continue it or choose another --out ({describe_contents(contents)})")
         if contents:
@@ -219,15 +221,6 @@ def _fit(config, run_dir, device, data_dir, resume, progress, cache_dir, started
     saved_epoch = None if resumed is None else int(resumed["epoch"])  # the epoch last.pt holds
     epoch = None  # the epoch being trained
     try:
-        # --- data: split by study first, then slice; the run's data must be the resumed run's ---
-        data_dir = resolve_data_dir(data_dir, phantom_size=config.image_size, progress=progress)
-        split = get_split(config.split)
-        train_studies, val_studies = annotated_studies(data_dir, split.train), annotated_studies(data_dir, split.val)
-        identity = data_identity(train_studies + val_studies)
-        if resumed is not None and resumed.get("data", identity) != identity:
-            raise RunMismatchError(last_path, f"was trained on other data than {data_dir} (data identity {resumed['data']}, "
-                                              f"not {identity}); resume it with the --data it was trained on, or choose another --out")
-
         # --- model, optimiser, loss (a resumed run takes its weights from last.pt) -------------
         torch.manual_seed(config.seed)
         weights = None if resumed is not None else config.encoder_weights
@@ -240,10 +233,20 @@ def _fit(config, run_dir, device, data_dir, resume, progress, cache_dir, started
         start_epoch = 0
         if resumed is not None:
             _restore(last_path, resumed, model, optimizer, scaler, stopper)
-            _repair_best(run_dir / "best.pt", resumed)
             history = [dict(row) for row in resumed["history"]]
             start_epoch = saved_epoch + 1
             print(f"resuming {run_dir} after epoch {start_epoch} (best val Dice {stopper.best_score:.4f})")
+
+        # --- data: split by study first, then slice; the run's data must be the resumed run's ---
+        data_dir = resolve_data_dir(data_dir, phantom_size=config.image_size, progress=progress)
+        split = get_split(config.split)
+        train_studies, val_studies = annotated_studies(data_dir, split.train), annotated_studies(data_dir, split.val)
+        identity = data_identity(train_studies + val_studies)
+        if resumed is not None and resumed.get("data", identity) != identity:
+            raise RunMismatchError(last_path, f"was trained on other data than {data_dir} (data identity {resumed['data']}, "
+                                              f"not {identity}); resume it with the --data it was trained on, or choose another --out")
+        if resumed is not None:
+            _repair_best(run_dir / "best.pt", resumed)
 
         train_set = SliceDataset(train_studies, config.image_size, cache_dir, progress)
         val_set = SliceDataset(val_studies, config.image_size, cache_dir, progress)
