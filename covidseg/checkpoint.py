@@ -9,19 +9,19 @@ made it.
 from __future__ import annotations
 
 import io
+import math
 import os
 import pickle
 import re
-import tempfile
 import warnings
 import zipfile
 from pathlib import Path
 
 import torch
 
-from .config import TrainConfig
-from .errors import CheckpointError
-from .models import MODEL_NAMES
+from .config import MODEL_NAMES, TrainConfig
+from .errors import CheckpointError, RunMismatchError
+from .files import atomic_write
 
 __all__ = ["CHECKPOINT_FORMAT", "save_checkpoint", "load_checkpoint", "checkpoint_config"]
 
@@ -39,18 +39,19 @@ _KEY_TYPES = {
     "optimizer": dict,
     "scaler": dict,
     "early_stopping": dict,
+    "data": str,
 }
 """Type of each key a checkpoint may hold; anything else means a damaged or foreign file."""
 
 
 def save_checkpoint(state: dict, path: str | os.PathLike) -> Path:
-    """Write a checkpoint atomically: serialised in memory, written to a temporary file in the same
-    folder, flushed to disk, then renamed over ``path``.
+    """Write a checkpoint atomically (:func:`covidseg.files.atomic_write`): serialised in memory,
+    written to a temporary file in the same folder, flushed to disk, then renamed over ``path``.
 
     If the write fails (read-only folder, full disk) or the process is killed meanwhile, the
     previous file at ``path`` is untouched: a reader sees the old checkpoint or the new one, never
-    a partial one. A kill can leave a hidden ``.NAME.*.tmp`` file behind, which
-    :func:`covidseg.training.fit` removes.
+    a partial one. A kill can leave a hidden temporary file behind, which the next run into the
+    folder removes (:func:`covidseg.files.remove_stale_temporaries`).
 
     Args:
         state: The checkpoint dictionary; ``format`` is added.
@@ -62,39 +63,14 @@ def save_checkpoint(state: dict, path: str | os.PathLike) -> Path:
     path = Path(path)
     # Serialise in memory first: torch's zip writer turns a failed write (full disk) into an
     # obscure RuntimeError, while a plain file write reports ENOSPC as it is.
-    tmp = None
     try:
         buffer = io.BytesIO()
         torch.save({"format": CHECKPOINT_FORMAT, **state}, buffer)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        with os.fdopen(fd, "wb") as handle:
+        with atomic_write(path, "wb") as handle:
             handle.write(buffer.getbuffer())
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-        tmp = None
-        _sync_folder(path.parent)
     except OSError as exc:
         raise CheckpointError(path, f"could not be written ({exc.strerror or exc}); the previous checkpoint is kept") from None
-    finally:
-        if tmp is not None and os.path.exists(tmp):
-            os.unlink(tmp)
     return path
-
-
-def _sync_folder(folder: Path) -> None:
-    """Flush a rename to disk (best effort: not every platform can open a folder)."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def load_checkpoint(path: str | os.PathLike, model_name: str | None = None, config: TrainConfig | None = None) -> dict:
@@ -143,19 +119,53 @@ def load_checkpoint(path: str | os.PathLike, model_name: str | None = None, conf
     try:
         state["config"] = TrainConfig.from_dict(state["config"])
     except (TypeError, ValueError) as exc:
-        raise CheckpointError(path, f"invalid config in checkpoint ({exc})") from None
+        raise CheckpointError(path, f"invalid config in checkpoint: {exc}") from None
+    problem = _value_problem(state)
+    if problem:
+        raise CheckpointError(path, f"damaged checkpoint: {problem}")
     if state["model_name"] not in MODEL_NAMES:
         raise CheckpointError(path, f"checkpoint is for an unknown model {state['model_name']!r}")
     if state["model_name"] != state["config"].model:
         raise CheckpointError(path, f"damaged checkpoint: model {state['model_name']!r} but config for {state['config'].model!r}")
     if model_name is not None and state["model_name"] != model_name:
-        raise CheckpointError(path, f"checkpoint is for model {state['model_name']!r}, not {model_name!r}")
+        raise RunMismatchError(path, f"checkpoint is for model {state['model_name']!r}, not {model_name!r}")
     if config is not None:
         differing = state["config"].differences(config)
         if differing:
             shown = ", ".join(f"{n}={getattr(state['config'], n)!r} (asked {getattr(config, n)!r})" for n in differing)
-            raise CheckpointError(path, f"checkpoint was made with another config: {shown}")
+            raise RunMismatchError(path, f"checkpoint was made with another config: {shown}")
     return state
+
+
+_STOPPING_FIELDS = {"best_score": float, "best_epoch": int, "bad_epochs": int}
+"""The early-stopping state (:meth:`covidseg.training.EarlyStopping.state_dict`) and its types."""
+
+
+def _is(value, kind) -> bool:
+    if kind is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    return isinstance(value, kind) and not isinstance(value, bool)
+
+
+def _value_problem(state: dict) -> str | None:
+    """What is wrong with the values of a checkpoint whose keys have the right types, or ``None``:
+    the epoch, the early-stopping state, the history, and weights that are not finite."""
+    epoch = state["epoch"]
+    if isinstance(epoch, bool) or epoch < 0:
+        return f"epoch {epoch!r} must be a whole number of at least 0"
+    stopping = state.get("early_stopping")
+    if stopping is not None:
+        for name, kind in _STOPPING_FIELDS.items():
+            if not _is(stopping.get(name), kind):
+                return f"early_stopping {name} {stopping.get(name)!r} must be a {kind.__name__}"
+        if math.isnan(stopping["best_score"]) or not -1 <= stopping["best_epoch"] <= epoch or not 0 <= stopping["bad_epochs"] <= epoch + 1:
+            return f"early_stopping {stopping} does not fit epoch {epoch}"
+    if not all(isinstance(row, dict) for row in state["history"]):
+        return "history must be a list of epoch rows"
+    for name, tensor in state["model"].items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            return f"weight {name} holds non-finite values (NaN or infinity): the run that saved it diverged"
+    return None
 
 
 def _damage(path: Path, exc: BaseException) -> str:

@@ -7,6 +7,7 @@ the problem, and a non-zero exit status, never a Python traceback.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import shlex
 import sys
@@ -14,8 +15,9 @@ import tempfile
 import traceback
 from pathlib import Path
 
-from .config import PRESETS, TrainConfig, get_preset
+from .config import PRESETS, ConfigError, TrainConfig, check_value, field_type, get_preset
 from .errors import CheckpointError, CovidsegError, DataError
+from .splits import Split
 
 __all__ = ["main", "build_parser"]
 
@@ -23,8 +25,17 @@ EXIT_BUG = 1
 EXIT_ERROR = 2
 EXIT_INTERRUPTED = 130
 
-MODEL_SIZE_MULTIPLE = {"unet": 16}
-"""In-plane sizes must be a multiple of this (the U-Net's 4 poolings); smp's encoders need 32."""
+FLAG_ALIASES = {"max_epochs": ("--epochs",)}
+"""Other spellings of the flags of ``covidseg train``, kept because earlier versions used them."""
+
+_NOT_FLAGS = ("preset",)
+"""TrainConfig fields not set by a flag of their own (``--preset`` chooses the preset itself)."""
+
+PARTS = tuple(f.name for f in dataclasses.fields(Split) if f.name != "name")
+"""The parts of a split ``covidseg evaluate`` can score: train, val, test."""
+
+_REQUIRED = ("model",)
+"""TrainConfig fields ``covidseg train`` asks for."""
 
 
 class _Parser(argparse.ArgumentParser):
@@ -37,56 +48,75 @@ class _Parser(argparse.ArgumentParser):
         self.exit(EXIT_ERROR, f"covidseg: error: {where}{' '.join(message.split())} ({hint})\n")
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
+def flag_of(name: str) -> str:
+    """The flag of a TrainConfig field: ``image_size`` -> ``--image-size``."""
+    return "--" + name.replace("_", "-")
 
 
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not value > 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
-    return value
+def _value_of(name: str):
+    """An argparse ``type`` that reads a value of TrainConfig field ``name`` and checks it
+    (:func:`covidseg.config.check_value`), so a bad value is reported naming the flag."""
+    kind, meta = field_type(name), TrainConfig.__dataclass_fields__[name].metadata
 
-
-def _slices(text: str) -> int | str:
-    return "all" if text.strip().lower() == "all" else _positive_int(text)
-
-
-def _device(text: str) -> str:
-    import torch
-
-    if text != "auto":
+    def parse(text: str):
+        if "none" in meta and text.strip().lower() == meta["none"]:
+            return None
         try:
-            torch.device(text)
-        except (RuntimeError, ValueError):
-            raise argparse.ArgumentTypeError(f"unknown device {text!r}; use auto, cpu, cuda, cuda:N or mps") from None
-    return text
+            value = int(text) if kind is int else float(text) if kind is float else text
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a {'whole number' if kind is int else 'number'}, got {text!r}") from None
+        try:
+            return check_value(name, value)
+        except ConfigError as exc:
+            raise argparse.ArgumentTypeError(f"{exc.problem}, got {text}") from None
+
+    parse.__name__ = name  # argparse names the type in some messages
+    return parse
+
+
+def _add_config_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per :class:`TrainConfig` field, its help and valid values from the field's metadata.
+
+    A flag not given leaves no attribute (``argparse.SUPPRESS``): the preset's value stands.
+    """
+    for f in dataclasses.fields(TrainConfig):
+        if f.name in _NOT_FLAGS:
+            continue
+        meta = f.metadata
+        presets = ", ".join(f"{name}: {_shown(getattr(preset, f.name), meta)}" for name, preset in PRESETS.items())
+        options = {"dest": f.name, "default": argparse.SUPPRESS, "help": f"{meta['help']} (presets: {presets})"}
+        if field_type(f.name) is bool:
+            options["action"] = argparse.BooleanOptionalAction
+        elif "choices" in meta:
+            options["choices"] = meta["choices"]
+        else:
+            options["type"] = _value_of(f.name)
+            options["metavar"] = meta.get("metavar", field_type(f.name).__name__.upper().replace("STR", "TEXT"))
+        parser.add_argument(flag_of(f.name), required=f.name in _REQUIRED, **options)
+        for alias in FLAG_ALIASES.get(f.name, ()):
+            parser.add_argument(alias, **{**options, "help": argparse.SUPPRESS})
+
+
+def _shown(value, meta) -> str:
+    return meta.get("none", "none") if value is None else str(value)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The parser of the ``covidseg`` command and its five subcommands."""
-    from .models import MODEL_NAMES
-    from .splits import SPLIT_NAMES
+    """The parser of the ``covidseg`` command and its five subcommands.
 
+    It imports nothing heavy: ``covidseg --help`` and ``covidseg COMMAND --help`` answer at once.
+    """
     parser = _Parser(
         prog="covidseg",
         description="COVID-19 lung-lesion segmentation on chest CT (MosMedData), reproducibly.",
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    device_help = TrainConfig.__dataclass_fields__["device"].metadata["help"]
 
     phantom = commands.add_parser("phantom", help="write the synthetic chest-CT phantom in MosMedData's layout")
     phantom.add_argument("out", type=Path, help="output folder")
-    phantom.add_argument("--size", type=_positive_int, default=512, help="in-plane size in pixels (default 512)")
-    phantom.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    phantom.add_argument("--size", type=_value_of("image_size"), default=512, help="in-plane size in pixels (default 512)")
+    phantom.add_argument("--seed", type=_value_of("seed"), default=0, help="random seed (default 0)")
 
     download = commands.add_parser("download", help="download and verify the 50 annotated MosMedData studies")
     download.add_argument("out", type=Path, help="output folder")
@@ -94,44 +124,27 @@ def build_parser() -> argparse.ArgumentParser:
 
     train = commands.add_parser("train", help="train a model with early stopping")
     train.add_argument("--data", type=Path, default=None, help="MosMedData folder (default: $COVIDSEG_DATA or the phantom)")
-    train.add_argument("--model", required=True, choices=MODEL_NAMES)
-    train.add_argument("--out", type=Path, required=True, help="run folder for checkpoints and history")
-    train.add_argument("--preset", choices=sorted(PRESETS), default="thesis")
-    train.add_argument("--split", choices=SPLIT_NAMES, default=None)
-    train.add_argument("--epochs", type=_positive_int, default=None, help="maximum epochs")
-    train.add_argument("--image-size", type=_positive_int, default=None, help="in-plane size slices are resized to")
-    train.add_argument("--unet-width", type=_positive_int, default=None, help="channels of the first level of 'unet'")
-    train.add_argument("--batch-size", type=_positive_int, default=None)
-    train.add_argument(
-        "--slices-per-epoch", type=_slices, default=None, metavar="N|all", help="training slices drawn per epoch (default: the preset's)"
-    )
-    train.add_argument("--lr", type=_positive_float, default=None)
-    train.add_argument("--loss", choices=("dice", "bce-dice"), default=None)
-    train.add_argument("--seed", type=int, default=None)
-    train.add_argument("--device", type=_device, default=None, help="auto (default), cpu, cuda or mps")
-    train.add_argument(
-        "--encoder-weights",
-        default=None,
-        metavar="imagenet|none|PATH",
-        help="encoder initialisation for smp models (default: the preset's)",
-    )
+    train.add_argument("--out", type=Path, required=True, help="run folder for checkpoints and history (new or empty, unless --resume)")
+    train.add_argument("--preset", choices=sorted(PRESETS), default="thesis", help="the settings flags not given take (default: thesis)")
+    _add_config_flags(train)
     train.add_argument("--resume", action="store_true", help="continue the run in --out from its last completed epoch")
     train.add_argument("--quiet", action="store_true", help="no progress bars or epoch lines")
 
     evaluate = commands.add_parser("evaluate", help="score a trained run on a part of its split")
     evaluate.add_argument("--data", type=Path, default=None)
     evaluate.add_argument("--run", type=Path, required=True)
-    evaluate.add_argument("--part", choices=("train", "val", "test"), default="test")
-    evaluate.add_argument("--json", type=Path, default=None, help="also write the scores and run card as JSON")
-    evaluate.add_argument("--device", type=_device, default="auto")
+    evaluate.add_argument("--part", choices=PARTS, default="test")
+    evaluate.add_argument("--json", type=Path, default=None,
+                          help="also write the scores and run card as JSON (a new file, or a report this command wrote)")
+    evaluate.add_argument("--device", type=_value_of("device"), default="auto", help=device_help)
     evaluate.add_argument("--quiet", action="store_true", help="no progress bars")
 
     predict = commands.add_parser("predict", help="segment a CT study (NIfTI, HU) and write its lesion mask")
     predict.add_argument("--run", type=Path, required=True)
     predict.add_argument("input", type=Path, metavar="IN.nii.gz")
     predict.add_argument("output", type=Path, metavar="OUT.nii.gz")
-    predict.add_argument("--device", type=_device, default="auto")
-    predict.add_argument("--batch-size", type=_positive_int, default=8)
+    predict.add_argument("--device", type=_value_of("device"), default="auto", help=device_help)
+    predict.add_argument("--batch-size", type=_value_of("batch_size"), default=8, help="slices per forward pass (default 8)")
     predict.add_argument("--lungs-box", action="store_true",
                          help="predict only inside the box around the lungs: faster, but not the same mask (see benchmarks/README.md)")
     return parser
@@ -140,34 +153,16 @@ def build_parser() -> argparse.ArgumentParser:
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
     """The :class:`TrainConfig` of ``covidseg train``: the preset, then the flags given.
 
-    ``--encoder-weights none`` (any case) means random initialisation (``None``); without the
-    flag the preset's choice stands.
-
     Raises:
-        ValueError: If the image size does not suit the model.
+        ValueError: If the values do not fit together (e.g. an image size the model cannot take),
+            naming the flag.
     """
-    changes = {
-        "model": args.model,
-        "split": args.split,
-        "max_epochs": args.epochs,
-        "image_size": args.image_size,
-        "unet_width": args.unet_width,
-        "batch_size": args.batch_size,
-        "lr": args.lr,
-        "loss": args.loss,
-        "seed": args.seed,
-        "device": args.device,
-    }
-    config = get_preset(args.preset).replace(**{k: v for k, v in changes.items() if v is not None})
-    if args.slices_per_epoch is not None:
-        config = config.replace(slices_per_epoch=None if args.slices_per_epoch == "all" else args.slices_per_epoch)
-    if args.encoder_weights is not None:
-        weights = args.encoder_weights
-        config = config.replace(encoder_weights=None if weights.strip().lower() == "none" else weights)
-    multiple = MODEL_SIZE_MULTIPLE.get(config.model, 32)
-    if config.image_size % multiple:
-        raise ValueError(f"--image-size {config.image_size} must be a multiple of {multiple} for model {config.model!r}")
-    return config
+    names = [f.name for f in dataclasses.fields(TrainConfig) if f.name not in _NOT_FLAGS]
+    given = {name: getattr(args, name) for name in names if hasattr(args, name)}
+    try:
+        return get_preset(args.preset).replace(**given)
+    except ConfigError as exc:
+        raise ValueError(exc.describe(flag_of(exc.name))) from None
 
 
 def _phantom(args) -> None:
@@ -259,8 +254,9 @@ def main(argv: list[str] | None = None) -> int:
         (one line; the traceback is saved to a file it names).
     """
     argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
+    parser = build_parser()
     try:
-        args = build_parser().parse_args(argv)
+        args = parser.parse_args(argv)
     except SystemExit as exc:  # --help, or a usage error already printed on one line
         return 0 if exc.code is None else exc.code if isinstance(exc.code, int) else EXIT_ERROR
     handler = {"phantom": _phantom, "download": _download, "train": _train, "evaluate": _evaluate, "predict": _predict}[args.command]
@@ -280,22 +276,42 @@ def main(argv: list[str] | None = None) -> int:
         print(f"covidseg: error: {where}{' '.join(str(exc.strerror or exc).split())}", file=sys.stderr)
         return EXIT_ERROR
     except MemoryError:
-        print("covidseg: error: out of memory; try a smaller --batch-size or --image-size", file=sys.stderr)
+        print(f"covidseg: error: {_out_of_memory(parser, args.command, 'CPU')}", file=sys.stderr)
         return EXIT_ERROR
     except Exception as exc:  # noqa: BLE001 - the last resort: one line, never a traceback
-        if _is_out_of_memory(exc):
-            resume = "; a run that completed an epoch continues with --resume" if args.command == "train" else ""
-            print(f"covidseg: error: out of GPU memory; try a smaller --batch-size or --image-size{resume}", file=sys.stderr)
+        kind = _out_of_memory_kind(exc)
+        if kind:
+            print(f"covidseg: error: {_out_of_memory(parser, args.command, kind)}", file=sys.stderr)
             return EXIT_ERROR
         print(_unexpected(exc), file=sys.stderr)
         return EXIT_BUG
     return 0
 
 
-def _is_out_of_memory(exc: BaseException) -> bool:
-    import torch
+def _out_of_memory(parser: argparse.ArgumentParser, command: str, kind: str) -> str:
+    """What to say when ``command`` ran out of ``kind`` ('GPU' or 'CPU') memory: only the flags
+    that command has."""
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices[command]
+    flags = {option for action in sub._actions for option in action.option_strings}
+    smaller = [flag for flag in ("--batch-size", "--image-size") if flag in flags]
+    tips = [f"a smaller {' or '.join(smaller)}"] if smaller else []
+    if kind == "GPU" and "--device" in flags:
+        tips.append("--device cpu")
+    advice = f"; try {', or '.join(tips)}" if tips else "; close other programs or use a machine with more memory"
+    resume = "; a run that completed an epoch continues with --resume" if command == "train" else ""
+    return f"out of {kind} memory{advice}{resume}"
 
-    return isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower()
+
+def _out_of_memory_kind(exc: BaseException) -> str | None:
+    """'GPU' or 'CPU' if ``exc`` is torch running out of memory, else ``None`` (torch is not
+    imported for this: an error raised before it was loaded is not torch's)."""
+    torch = sys.modules.get("torch")
+    text = str(exc).lower()
+    if torch is not None and isinstance(exc, torch.OutOfMemoryError) or "cuda out of memory" in text or "mps backend out of memory" in text:
+        return "GPU"
+    if "can't allocate memory" in text or "out of memory" in text:
+        return "CPU"
+    return None
 
 
 if __name__ == "__main__":

@@ -1,7 +1,13 @@
 """The one configuration object behind training, the CLI, the book and the checkpoints.
 
 :class:`TrainConfig` is a frozen dataclass (as nanoGPT's ``GPTConfig``): the CLI flags, the book's
-parameters cell and every checkpoint read and write the same fields. Two named presets exist:
+parameters cell and every checkpoint read and write the same fields. Each field carries its help
+text and its valid values in ``dataclasses.field(metadata=...)`` (as Hugging Face's
+``HfArgumentParser`` reads them), so ``covidseg train`` builds one flag per field and every value,
+from a flag, a checkpoint or code, is checked in one place (:meth:`TrainConfig.__post_init__`).
+
+This module imports nothing heavy (no torch), so that the CLI can list names and check flags at
+once. Two named presets exist:
 
 - ``thesis``: the thesis' protocol at full size (512 px, Adam 1e-4, Dice loss, early stopping with
   patience 5, up to 100 epochs), for a GPU and the real data;
@@ -11,42 +17,115 @@ parameters cell and every checkpoint read and write the same fields. Two named p
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from dataclasses import dataclass, field
 
-__all__ = ["TrainConfig", "PRESETS", "get_preset", "QUICK_ENV", "preset_from_env"]
+from .devices import DEVICE_FORMS, check_device_name
+from .splits import SPLIT_NAMES
+
+__all__ = [
+    "TrainConfig",
+    "ConfigError",
+    "PRESETS",
+    "get_preset",
+    "QUICK_ENV",
+    "preset_from_env",
+    "MODEL_NAMES",
+    "LOSS_NAMES",
+    "MODEL_SIZE_MULTIPLE",
+    "SEED_RANGE",
+]
+
+MODEL_NAMES = ("unet", "unet-vgg19", "unet-resnet34", "unet-mobilenetv2")
+"""Names accepted by :func:`covidseg.models.build_model`."""
+
+LOSS_NAMES = ("dice", "bce-dice")
+"""Names accepted by :func:`covidseg.losses.build_loss`."""
+
+MODEL_SIZE_MULTIPLE = {"unet": 16}
+"""In-plane sizes must be a multiple of this (the U-Net's 4 poolings); smp's encoders (5 stages) need 32."""
+
+SEED_RANGE = (0, 2**32 - 1)
+"""Valid seeds: what NumPy accepts, and small enough that ``seed * 1_000_003 + epoch`` fits torch's
+64-bit generator seed."""
 
 QUICK_ENV = "COVIDSEG_QUICK"
 """Environment variable that selects the quick preset (``COVIDSEG_QUICK=1``), as CI sets it."""
+
+_TRUE = ("1", "true", "yes", "on")
+_FALSE = ("", "0", "false", "no", "off")
+
+
+class ConfigError(ValueError):
+    """A config value out of its range or of the wrong type.
+
+    Attributes:
+        name: The field.
+        value: The value given.
+        problem: What is wrong, e.g. ``'must be between 1 and 256'``.
+    """
+
+    def __init__(self, name: str, value, problem: str):
+        self.name, self.value, self.problem = name, value, problem
+        super().__init__(self.describe(name))
+
+    def describe(self, label: str) -> str:
+        """The message with the field called ``label`` (e.g. a flag, ``'--image-size'``)."""
+        return f"{label} {self.value!r} {self.problem}"
+
+
+def _help(text: str, **checks) -> dict:
+    return {"help": text, **checks}
 
 
 @dataclass(frozen=True)
 class TrainConfig:
     """Everything that determines a training run.
 
-    Attributes are documented inline; ``encoder_weights`` is ``'imagenet'``, ``None`` (random
-    initialisation) or a path to local encoder weights.
+    Each field's ``metadata`` holds its ``help`` and its valid values: ``choices``, or ``min`` and
+    ``max`` (inclusive); ``none`` names the word that stands for ``None`` on the command line.
+    ``encoder_weights`` is ``'imagenet'``, ``None`` (random initialisation) or a path to local
+    encoder weights.
     """
 
-    model: str = "unet"  # one of covidseg.models.MODEL_NAMES
-    encoder_weights: str | None = "imagenet"  # ImageNet weights for smp encoders (ignored by 'unet')
-    unet_width: int = 64  # channels of the from-scratch U-Net's first level (thesis: 64)
-    image_size: int = 512  # slices are resized to image_size x image_size (MosMedData: 512)
-    split: str = "thesis"  # 'thesis' (35/5/10 studies) or 'miniseg-fold-K'
-    loss: str = "dice"  # 'dice' (thesis) or 'bce-dice'
-    lr: float = 1e-4  # Adam learning rate (thesis)
-    batch_size: int = 8  # slices per optimisation step
-    max_epochs: int = 100  # upper bound; early stopping usually ends sooner
-    slices_per_epoch: int | None = None  # None: every training slice each epoch (thesis); else a seeded random subset
-    patience: int = 5  # epochs without validation improvement before stopping (thesis)
-    min_delta: float = 1e-4  # smallest validation Dice gain that counts as improvement
-    seed: int = 0  # seeds initialisation and the order of training slices
-    device: str = "auto"  # 'auto' (CUDA, then MPS, then CPU), 'cpu', 'cuda', 'mps'
-    amp: bool = True  # mixed precision, used on CUDA only
-    preset: str = field(default="custom", compare=False)  # name of the preset this came from
+    model: str = field(default="unet", metadata=_help("the network", choices=MODEL_NAMES))
+    encoder_weights: str | None = field(
+        default="imagenet",
+        metadata=_help("encoder initialisation of the smp models: imagenet, none (random) or the path of local weights; ignored by 'unet'",
+                       none="none", metavar="imagenet|none|PATH"),
+    )
+    unet_width: int = field(default=64, metadata=_help("channels of the first level of 'unet'", min=1, max=256))
+    image_size: int = field(default=512, metadata=_help("in-plane size, in pixels, slices are resized to", min=16, max=2048))
+    split: str = field(default="thesis", metadata=_help("the split of the 50 annotated studies into train/val/test", choices=SPLIT_NAMES))
+    loss: str = field(default="dice", metadata=_help("the training loss", choices=LOSS_NAMES))
+    lr: float = field(default=1e-4, metadata=_help("Adam learning rate (0 leaves the weights as they are)", min=0.0))
+    batch_size: int = field(default=8, metadata=_help("slices per optimisation step", min=1, max=4096))
+    max_epochs: int = field(default=100, metadata=_help("maximum epochs; early stopping usually ends sooner", min=1, max=100_000))
+    slices_per_epoch: int | None = field(
+        default=None,
+        metadata=_help("training slices drawn per epoch: all (the thesis), or a seeded random subset of N", min=1, none="all", metavar="N|all"),
+    )
+    patience: int = field(default=5, metadata=_help("epochs without validation improvement before stopping", min=1, max=100_000))
+    min_delta: float = field(default=1e-4, metadata=_help("smallest validation Dice gain that counts as an improvement", min=0.0, max=1.0))
+    seed: int = field(default=0, metadata=_help("seeds initialisation and the order of training slices", min=SEED_RANGE[0], max=SEED_RANGE[1]))
+    device: str = field(default="auto", metadata=_help(f"where to run: {DEVICE_FORMS}", metavar="DEVICE"))
+    amp: bool = field(default=True, metadata=_help("mixed precision (used on CUDA only)"))
+    preset: str = field(default="custom", compare=False, metadata=_help("name of the preset this came from"))
+
+    def __post_init__(self):
+        for f in dataclasses.fields(self):
+            check_value(f.name, getattr(self, f.name))
+        multiple = MODEL_SIZE_MULTIPLE.get(self.model, 32)
+        if self.image_size % multiple:
+            raise ConfigError("image_size", self.image_size, f"must be a multiple of {multiple} for model {self.model!r}")
 
     def replace(self, **changes) -> TrainConfig:
-        """A copy with some fields changed (unknown names raise ``TypeError``)."""
+        """A copy with some fields changed (unknown names raise ``TypeError``).
+
+        Raises:
+            ConfigError: If a value is invalid.
+        """
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict:
@@ -55,24 +134,16 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, values: dict) -> TrainConfig:
-        """Rebuild a config from :meth:`to_dict` output, checking names and types.
+        """Rebuild a config from :meth:`to_dict` output, checking names, types and ranges.
 
         Raises:
-            ValueError: On an unknown field or a value of the wrong type.
+            ValueError: On an unknown field; :class:`ConfigError` (a ``ValueError``) on a value
+                of the wrong type or out of range.
         """
-        fields = {f.name: f for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - set(fields))
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - names)
         if unknown:
             raise ValueError(f"unknown config fields: {', '.join(unknown)}")
-        for name, value in values.items():
-            expected = _NULLABLE.get(name) or type(getattr(cls, name))
-            ok = value is None if name in _NULLABLE and value is None else isinstance(value, expected)
-            if expected is float:
-                ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-            elif expected is int:
-                ok = ok and not isinstance(value, bool)
-            if not ok:
-                raise ValueError(f"config field {name!r} has a value of the wrong type: {value!r}")
         return cls(**values)
 
     def differences(self, other: TrainConfig, ignore=("max_epochs", "device", "preset")) -> list[str]:
@@ -84,8 +155,58 @@ class TrainConfig:
         ]
 
 
+_FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
+
+
 _NULLABLE = {"encoder_weights": str, "slices_per_epoch": int}
 """Fields that may be ``None``, with the type of their other values."""
+
+
+def field_type(name: str) -> type:
+    """The type of a field's values other than ``None``: ``str``, ``int``, ``float`` or ``bool``."""
+    return _NULLABLE.get(name) or type(_FIELDS[name].default)
+
+
+def check_value(name: str, value):
+    """Check one field's value against its type and its ``metadata``; return it.
+
+    Raises:
+        ConfigError: If it is of the wrong type or out of range.
+    """
+    f = _FIELDS[name]
+    meta = f.metadata
+    if value is None:
+        if "none" in meta:
+            return value
+        raise ConfigError(name, value, "must not be None")
+    kind = field_type(name)
+    if kind is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    elif kind is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    else:
+        ok = isinstance(value, kind)
+    if not ok:
+        raise ConfigError(name, value, f"has the wrong type: expected {kind.__name__}")
+    if kind is float and not math.isfinite(value):
+        raise ConfigError(name, value, "must be a finite number")
+    if "choices" in meta and value not in meta["choices"]:
+        raise ConfigError(name, value, f"is not one of {', '.join(meta['choices'])}")
+    low, high = meta.get("min"), meta.get("max")
+    if (low is not None and value < low) or (high is not None and value > high):
+        raise ConfigError(name, value, _range(low, high))
+    if name == "device":
+        problem = check_device_name(value)
+        if problem:
+            raise ConfigError(name, value, problem)
+    if kind is str and not value.strip():
+        raise ConfigError(name, value, "must not be empty")
+    return value
+
+
+def _range(low, high) -> str:
+    return f"must be at least {low}" if high is None else f"must be between {low} and {high}"
+
 
 PRESETS = {
     "thesis": TrainConfig(preset="thesis"),
@@ -120,6 +241,16 @@ def get_preset(name: str) -> TrainConfig:
 
 
 def preset_from_env(default: str = "thesis") -> str:
-    """``'quick'`` when :data:`QUICK_ENV` is set to a true value, else ``default``."""
+    """``'quick'`` when :data:`QUICK_ENV` is set to a true value (1, true, yes, on), else ``default``.
+
+    Raises:
+        ValueError: If the variable holds anything else than a true or false value (0, false,
+            no, off, empty), naming the variable, its value and the values allowed.
+    """
     value = os.environ.get(QUICK_ENV, "").strip().lower()
-    return "quick" if value in {"1", "true", "yes", "on"} else default
+    if value not in _TRUE + _FALSE:
+        raise ValueError(
+            f"{QUICK_ENV}={os.environ[QUICK_ENV]!r} is not understood; use {', '.join(_TRUE)} for the quick preset "
+            f"or {', '.join(v for v in _FALSE if v)} (or leave it unset) for the full one"
+        )
+    return "quick" if value in _TRUE else default

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from os import PathLike
 
-__all__ = ["CovidsegError", "DataError", "DownloadError", "CheckpointError"]
+__all__ = ["CovidsegError", "DataError", "DownloadError", "CheckpointError", "RunFolderError", "RunMismatchError", "TrainingDiverged"]
 
 
 class CovidsegError(Exception):
@@ -35,3 +35,16 @@ class DownloadError(CovidsegError):
 
 class CheckpointError(CovidsegError):
     """A checkpoint that is missing, damaged, unsafe or made for another model or config."""
+
+
+class RunMismatchError(CheckpointError):
+    """A run that was made with another config or on other data than asked for."""
+
+
+class RunFolderError(CovidsegError):
+    """A run folder that cannot take this run: another process writes to it, it holds files of
+    another run or of the user, or it holds nothing that can be resumed."""
+
+
+class TrainingDiverged(CovidsegError):
+    """Training produced a non-finite loss or non-finite weights; nothing of that epoch is kept."""

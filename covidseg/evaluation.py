@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 import time
 from pathlib import Path
 
@@ -16,13 +15,20 @@ import numpy as np
 
 from .dataset import SliceDataset
 from .errors import DataError
+from .files import check_output_file, write_json
 from .metrics import evaluate_studies
 from .mosmed import annotated_studies
 from .prediction import THRESHOLD, load_trained_model, predict_probabilities
 from .sources import RunCard, resolve_data_dir
 from .splits import get_split
 
-__all__ = ["evaluate_run", "predict_part", "format_report"]
+__all__ = ["REPORT_FORMAT", "evaluate_run", "predict_part", "format_report", "is_report"]
+
+REPORT_FORMAT = "covidseg-evaluation-1"
+"""Value of the ``format`` key of a report :func:`evaluate_run` writes."""
+
+_REPORT_KEYS = ("part", "split", "per_study", "run_card")
+"""Keys every report has (reports written before ``format`` existed are known by these)."""
 
 
 def predict_part(
@@ -72,17 +78,20 @@ def evaluate_run(
 
     Raises:
         CheckpointError: If the run holds no usable checkpoint.
-        DataError: For unusable data, an unreadable ``history.json``, or a ``json_path`` that is
-            a folder or cannot be written (an existing file there is then left as it was).
+        DataError: For unusable data, an unreadable ``history.json``, or a ``json_path`` that
+            cannot be written (an existing file there is then left as it was).
+        CovidsegError: If ``json_path`` is a folder, or an existing file that is not a report
+            this function wrote (:func:`is_report`); checked before any work.
     """
     started = time.perf_counter()
     if json_path is not None:
-        _check_json_path(Path(json_path))  # before the work, not after it
+        check_output_file(json_path, "scores.json", is_report)  # before the work, not after it
     predictions, truths, _, config, device, data_dir = predict_part(run_dir, data_dir, part, device, progress=progress)
     scores = evaluate_studies(predictions, truths)
     history = _read_history(Path(run_dir) / "history.json")
     card = RunCard.describe(config, data_dir, device, len(history), time.perf_counter() - started)
     report = {
+        "format": REPORT_FORMAT,
         "part": part,
         "split": config.split,
         "model": config.model,
@@ -92,7 +101,7 @@ def evaluate_run(
         "run_card": card.to_dict(),
     }
     if json_path is not None:
-        _write_json_atomically(Path(json_path), report)
+        write_json(Path(json_path), report)
     return report
 
 
@@ -109,29 +118,22 @@ def _read_history(path: Path) -> list:
     return history
 
 
-def _check_json_path(path: Path) -> None:
-    if path.is_dir():
-        raise DataError(path, "is a folder; give a file name such as scores.json")
-    parent = next((p for p in path.parents if p.exists()), None)
-    if parent is not None and not parent.is_dir():
-        raise DataError(path, f"cannot write here: {parent} is a file, not a folder")
+def is_report(path: str | os.PathLike) -> bool:
+    """Whether ``--json`` may replace ``path``: a report :func:`evaluate_run` wrote (its
+    ``format``, or, for reports written before it had one, a ``mean_dice`` or all of
+    ``part, split, per_study, run_card``), or an empty JSON object, which holds nothing to lose.
 
-
-def _write_json_atomically(path: Path, value) -> None:
-    """Write ``value`` as JSON through a temporary file; a failure leaves the old file intact."""
-    tmp = None
+    Files larger than 64 MiB are not read (no report is that large).
+    """
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(json.dumps(value, indent=2) + "\n")
-        os.replace(tmp, path)
-        tmp = None
-    except OSError as exc:
-        raise DataError(path, f"could not be written ({exc.strerror or exc}); nothing was changed") from None
-    finally:
-        if tmp is not None and os.path.exists(tmp):
-            os.unlink(tmp)
+        if Path(path).stat().st_size > 64 << 20:
+            return False
+        value = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        return False
+    if not isinstance(value, dict):
+        return False
+    return value == {} or value.get("format") == REPORT_FORMAT or "mean_dice" in value or all(key in value for key in _REPORT_KEYS)
 
 
 def format_report(report: dict) -> str:

@@ -25,9 +25,12 @@ from pathlib import Path
 __all__ = [
     "atomic_path",
     "atomic_write",
+    "check_output_file",
     "new_file_mode",
     "remove_stale_temporaries",
     "temporary_name",
+    "write_json",
+    "write_text",
 ]
 
 _TEMPORARY = re.compile(r"^\.(?P<name>.+)\.(?P<pid>\d+)\.[0-9a-f]{8}\.tmp(?P<suffix>\.[\w.]+)?$")
@@ -54,6 +57,35 @@ def new_file_mode(path: str | os.PathLike) -> int:
         umask = os.umask(0)
         os.umask(umask)
         return 0o666 & ~umask
+
+
+def check_output_file(path: str | os.PathLike, example: str, replaceable=None) -> Path:
+    """Check, before any work is done, that a command may write its output file at ``path``.
+
+    A command writes over no file it did not create: an existing file is replaced only if
+    ``replaceable(path)`` says it is an earlier output of the same kind.
+
+    Args:
+        path: The output file.
+        example: A file name to suggest, e.g. ``'scores.json'``.
+        replaceable: ``path -> bool``; without it, no existing file is replaced.
+
+    Raises:
+        CovidsegError: If ``path`` is a folder, lies under a file, or is a file that may not be
+            replaced; nothing is written.
+    """
+    from .errors import CovidsegError
+
+    path = Path(path)
+    if path.is_dir():
+        raise CovidsegError(path, f"is a folder; give a file name such as {example}")
+    parent = next((p for p in path.parents if p.exists()), None)
+    if parent is not None and not parent.is_dir():
+        raise CovidsegError(path, f"cannot write here: {parent} is a file, not a folder")
+    if (path.exists() or path.is_symlink()) and not (path.is_file() and replaceable is not None and replaceable(path)):
+        raise CovidsegError(path, f"already exists and was not written by this command; it is left as it is: "
+                                  f"give a new file name such as {example}")
+    return path
 
 
 def _sync_folder(folder: Path) -> None:
@@ -130,6 +162,28 @@ def atomic_write(path: str | os.PathLike, mode: str = "w", encoding: str | None 
         with open(tmp, mode, encoding=None if "b" in mode else encoding) as handle:
             yield handle
             handle.flush()
+
+
+def write_text(path: str | os.PathLike, text: str) -> None:
+    """Write a small text file atomically (:func:`atomic_write`).
+
+    Raises:
+        DataError: If it cannot be written; the previous file is then kept.
+    """
+    from .errors import DataError
+
+    try:
+        with atomic_write(path) as handle:
+            handle.write(text)
+    except OSError as exc:
+        raise DataError(path, f"could not be written ({exc.strerror or exc}); the previous file is kept") from None
+
+
+def write_json(path: str | os.PathLike, value) -> None:
+    """Write ``value`` as indented JSON, atomically (see :func:`write_text`)."""
+    import json
+
+    write_text(path, json.dumps(value, indent=2) + "\n")
 
 
 def _alive(pid: int) -> bool:

@@ -42,8 +42,7 @@ __all__ = [
     "count_parameters",
 ]
 
-MODEL_NAMES = ("unet", "unet-vgg19", "unet-resnet34", "unet-mobilenetv2")
-"""Names accepted by :func:`build_model`."""
+from .config import MODEL_NAMES  # noqa: E402  (their one home, importable without torch)
 
 ENCODERS = {"unet-vgg19": "vgg19", "unet-resnet34": "resnet34", "unet-mobilenetv2": "mobilenet_v2"}
 """smp encoder behind each pretrained-encoder model."""

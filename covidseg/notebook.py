@@ -2,7 +2,8 @@
 
 A chapter's parameters cell calls :func:`choose_setup`:
 
-- ``COVIDSEG_QUICK=1`` (CI sets it): the ``quick`` preset on the synthetic phantom;
+- ``COVIDSEG_QUICK=1`` (CI sets it): the ``quick`` preset on the synthetic phantom, always (even
+  with ``COVIDSEG_DATA`` set, so that quick results are never shown as real-data ones);
 - a CUDA GPU and real data (``COVIDSEG_DATA``, or Colab's ``/content/mosmeddata`` after
   ``covidseg download``): the ``thesis`` preset on the real data;
 - anything else (a laptop CPU): ``quick`` on the phantom.
@@ -18,7 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .config import QUICK_ENV, TrainConfig, get_preset, preset_from_env
-from .sources import DATA_ENV, data_source, resolve_data_dir
+from .files import write_json
+from .sources import DATA_ENV, data_source
 
 __all__ = ["COLAB_DATA_DIR", "RUNS_ENV", "ChapterSetup", "versions", "choose_setup", "run_dir_for", "code_fingerprint", "train_or_reuse", "evaluate_or_reuse"]
 
@@ -91,8 +93,10 @@ def choose_setup(progress: bool = True) -> ChapterSetup:
         preset, data, reason = "quick", None, "no real data: set COVIDSEG_DATA or run covidseg download"
     else:
         preset, data, reason = "quick", real, "no CUDA GPU: quick settings on the real data"
+    from .phantom import ensure_phantom
+
     config = get_preset(preset)
-    data_dir = resolve_data_dir(data, phantom_size=config.image_size, progress=progress)
+    data_dir = ensure_phantom(size=config.image_size, progress=progress) if data is None else data
     return ChapterSetup(preset, config, data_dir, data_source(data_dir), reason)
 
 
@@ -110,32 +114,83 @@ def code_fingerprint() -> str:
     return digest.hexdigest()[:16]
 
 
-def train_or_reuse(config: TrainConfig, data_dir, run_dir=None, progress: bool = True):
-    """Train ``config`` unless a finished run with the same config, trained by the same code
-    (:func:`code_fingerprint`), exists; resume an unfinished one.
+def train_or_reuse(config: TrainConfig, data_dir, run_dir=None, progress: bool = True, reuse_other_code: bool = False):
+    """Train ``config`` on ``data_dir`` unless a finished run of the same config, data and code
+    exists; resume an unfinished one.
+
+    A run is identified by its config, the identity of its data
+    (:func:`covidseg.sources.data_identity`) and the package's code (:func:`code_fingerprint`).
+    No run is ever deleted or written over: if ``run_dir`` holds a run of another identity (or
+    files that are no run), it is kept as it is, and the new run is trained beside it, in
+    ``<run_dir>-<digest of its identity>``, where the next call finds and reuses it.
+
+    Args:
+        config: The run's config.
+        data_dir: The dataset folder.
+        run_dir: The run folder (default :func:`run_dir_for`).
+        progress: Progress bars and messages.
+        reuse_other_code: Also reuse a finished run of the same config and data that other code
+            trained (e.g. a long run made before the package was updated); it says so.
 
     Returns:
-        ``(run_dir, history)``.
+        ``(run_dir, history)``: the folder of the run used, and its history.
     """
+    from .errors import RunMismatchError
+    from .mosmed import annotated_studies
+    from .runs import folder_contents
+    from .sources import data_identity
+    from .splits import get_split
     from .training import fit
 
     run_dir = Path(run_dir or run_dir_for(config))
-    history_file = run_dir / "history.json"
-    finished = run_dir / "finished.json"
-    identity = {"config": config.to_dict(), "code": code_fingerprint()}
-    if finished.is_file():
-        record = json.loads(finished.read_text())
-        if {key: record.get(key) for key in identity} == identity:
+    split = get_split(config.split)
+    identity = {
+        "config": config.to_dict(),
+        "code": code_fingerprint(),
+        "data": data_identity(annotated_studies(data_dir, split.train + split.val)),
+    }
+    digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:8]
+    beside = run_dir.with_name(f"{run_dir.name}-{digest}")
+    for candidate in (run_dir, beside):
+        record = _finished_record(candidate)
+        differing = [key for key in identity if record is not None and record.get(key) != identity[key]]
+        if record is not None and (not differing or (reuse_other_code and differing == ["code"])):
             if progress:
-                print(f"reusing the finished run in {run_dir}")
-            return run_dir, json.loads(history_file.read_text())
-        print(f"the run in {run_dir} was trained with another config or by other code; training afresh")
-        finished.unlink()
-        for checkpoint in ("last.pt", "best.pt"):
-            (run_dir / checkpoint).unlink(missing_ok=True)
-    result = fit(config, run_dir, data_dir=data_dir, resume=(run_dir / "last.pt").is_file(), progress=progress)
-    finished.write_text(json.dumps({**identity, "best_epoch": result.best_epoch, "card": result.card.to_dict()}, indent=2))
-    return run_dir, result.history
+                note = " (trained by other code, reused as asked)" if differing else ""
+                print(f"reusing the finished run in {candidate}{note}")
+            return candidate, json.loads((candidate / "history.json").read_text(encoding="utf-8"))
+
+    target = run_dir
+    record = _finished_record(run_dir)
+    if record is not None:
+        why = {"config": "another config", "code": "other code", "data": "other data"}
+        made = " and ".join(why[key] for key in identity if record.get(key) != identity[key]) or "an unknown identity"
+        target = _beside(run_dir, beside, f"it was trained with {made}")
+    elif folder_contents(run_dir) and not (run_dir / "last.pt").is_file():
+        target = _beside(run_dir, beside, "it holds files that are not a resumable run")
+    try:
+        result = fit(config, target, data_dir=data_dir, resume=(target / "last.pt").is_file(), progress=progress)
+    except RunMismatchError as exc:
+        if target == beside:
+            raise
+        target = _beside(run_dir, beside, f"its unfinished run does not match ({exc.problem})")
+        result = fit(config, target, data_dir=data_dir, resume=(target / "last.pt").is_file(), progress=progress)
+    write_json(target / "finished.json", {**identity, "best_epoch": result.best_epoch, "card": result.card.to_dict()})
+    return target, result.history
+
+
+def _beside(run_dir: Path, beside: Path, why: str) -> Path:
+    print(f"the run in {run_dir} is kept as it is ({why}); training the new run beside it, in {beside}")
+    return beside
+
+
+def _finished_record(run_dir: Path) -> dict | None:
+    """The ``finished.json`` of a run folder, or ``None`` if it has none (or an unreadable one)."""
+    try:
+        record = json.loads((run_dir / "finished.json").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        return None
+    return record if isinstance(record, dict) else None
 
 
 def evaluate_or_reuse(run_dir, data_dir, part: str = "test") -> dict:
@@ -143,7 +198,7 @@ def evaluate_or_reuse(run_dir, data_dir, part: str = "test") -> dict:
     ``<run_dir>/<part>-scores.json`` and reused while the run's checkpoint, the data folder and the
     package's code are unchanged: chapter 9 reuses the scores that chapters 5-8 computed.
     """
-    from .evaluation import _write_json_atomically, evaluate_run
+    from .evaluation import evaluate_run
 
     run_dir = Path(run_dir)
     checkpoint = next((run_dir / name for name in ("best.pt", "last.pt") if (run_dir / name).is_file()), None)
@@ -159,5 +214,5 @@ def evaluate_or_reuse(run_dir, data_dir, part: str = "test") -> dict:
     if isinstance(saved, dict) and saved.get("identity") == identity:
         return saved["report"]
     report = evaluate_run(run_dir, data_dir, part=part, progress=False)
-    _write_json_atomically(saved_file, {"identity": identity, "report": report})
+    write_json(saved_file, {"identity": identity, "report": report})
     return report

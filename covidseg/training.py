@@ -16,6 +16,12 @@ Run folder::
                       resumed run rebuilds it if a kill fell in between)
     RUN/history.csv   one row per epoch: loss, validation Dice, epoch time, learning rate
     RUN/history.json  the same rows as JSON
+
+A new run needs a new or empty folder and ``--resume`` a folder holding a resumable run
+(:mod:`covidseg.runs`); one process at a time writes a run folder. Each checkpoint records the
+identity of the data the run was trained on (:func:`covidseg.sources.data_identity`): a run is
+never resumed on other data. Training stops at the first non-finite loss or weights
+(:class:`~covidseg.errors.TrainingDiverged`), and nothing of that epoch is written.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ import contextlib
 import csv
 import io
 import json
+import math
 import os
 import signal
 import threading
@@ -40,13 +47,15 @@ from .checkpoint import load_checkpoint, save_checkpoint
 from .config import TrainConfig
 from .dataset import SliceDataset
 from .devices import resolve_device
-from .errors import CheckpointError, DataError
+from .errors import CheckpointError, DataError, RunFolderError, RunMismatchError, TrainingDiverged
+from .files import write_json, write_text
 from .losses import build_loss
 from .metrics import study_scores
 from .models import build_model
 from .mosmed import annotated_studies
 from .prediction import THRESHOLD, predict_probabilities
-from .sources import RunCard, resolve_data_dir
+from .runs import describe_contents, folder_contents, is_run_file, run_lock
+from .sources import RunCard, data_identity, resolve_data_dir
 from .splits import get_split
 
 __all__ = ["EarlyStopping", "FitResult", "TrainingInterrupted", "fit", "validation_dice"]
@@ -144,32 +153,70 @@ def fit(
         A :class:`FitResult`.
 
     Raises:
-        CheckpointError: If ``run_dir`` already holds a run and ``resume`` is false, or if
-            ``resume`` finds a damaged checkpoint or one of another model or config. This is
-            checked before any data is read.
+        RunFolderError: If another process writes ``run_dir``; if ``resume`` is false and
+            ``run_dir`` holds anything (a run's files, or the user's); if ``resume`` is true and
+            ``run_dir`` holds files but no ``last.pt``. Checked before any data is read, and
+            nothing in the folder is changed.
+        CheckpointError: If ``resume`` finds a damaged checkpoint or one that cannot be resumed;
+            :class:`~covidseg.errors.RunMismatchError` if it is of another model or config, or was
+            trained on other data.
+        TrainingDiverged: At the first non-finite loss or weights; ``last.pt`` keeps the last
+            good epoch.
         DataError: For unusable data, or a run folder that cannot be written.
         TrainingInterrupted: On Ctrl-C; ``last.pt`` then holds the last completed epoch, intact,
             and nothing of the interrupted epoch is written.
     """
     started = time.perf_counter()
     run_dir = Path(run_dir)
-    device = resolve_device(config.device)
-    use_amp = config.amp and device.type == "cuda"
-
-    # --- run folder: check what is there before any slow work ---------------------------------
-    last_path = run_dir / "last.pt"
     if run_dir.exists() and not run_dir.is_dir():
         raise DataError(run_dir, "is a file; the run folder must be a folder")
-    resumed = None
-    if last_path.is_file():
-        if not resume:
-            raise CheckpointError(last_path, "run folder already holds a run; pass --resume to continue it or choose another --out")
-        resumed = load_checkpoint(last_path, model_name=config.model, config=config)
-        lacking = [key for key in ("optimizer", "early_stopping") if key not in resumed]
-        if lacking:
-            raise CheckpointError(last_path, f"cannot resume from it: it lacks {', '.join(lacking)} (is it a copy of best.pt?)")
-    elif resume:
+    device = resolve_device(config.device)
+    with run_lock(run_dir):
+        return _fit(config, run_dir, device, data_dir, resume, progress, cache_dir, started)
+
+
+def _check_run_folder(run_dir: Path, config: TrainConfig, resume: bool) -> dict | None:
+    """Check what the run folder holds before any slow work; return the state to resume, if any.
+
+    Raises:
+        RunFolderError: A new run into a folder that holds anything, or ``resume`` with a folder
+            that holds files but no ``last.pt``.
+        CheckpointError: A damaged ``last.pt``, or one that cannot be resumed.
+        RunMismatchError: A ``last.pt`` of another model or config.
+    """
+    contents = folder_contents(run_dir)
+    last_path = run_dir / "last.pt"
+    if not resume:
+        if last_path.is_file():
+            raise RunFolderError(last_path, "run folder already holds a run; pass --resume to continue it or choose another --out")
+        if any(is_run_file(name) for name in contents):
+            raise RunFolderError(run_dir, f"already holds a run; pass --resume to continue it or choose another --out ({describe_contents(contents)})")
+        if contents:
+            raise RunFolderError(run_dir, f"is not empty ({describe_contents(contents)}); a new run needs a new or empty folder: choose another --out")
+        return None
+    if not contents:
         print(f"nothing to resume in {run_dir} (no last.pt); starting a new run")
+        return None
+    if not last_path.is_file():
+        raise RunFolderError(run_dir, f"cannot be resumed: it has no last.pt ({describe_contents(contents)}); choose another --out for a new run")
+    saved_config = run_dir / "config.json"
+    if saved_config.is_file():
+        try:
+            TrainConfig.from_dict(json.loads(saved_config.read_text(encoding="utf-8")))
+        except (OSError, UnicodeDecodeError, ValueError, TypeError) as exc:
+            raise RunFolderError(saved_config, f"is not the config of a covidseg run ({' '.join(str(exc).split())[:120]}); it is left as it is: choose another --out") from None
+    resumed = load_checkpoint(last_path, model_name=config.model, config=config)
+    lacking = [key for key in ("optimizer", "early_stopping") if key not in resumed]
+    if lacking:
+        raise CheckpointError(last_path, f"cannot resume from it: it lacks {', '.join(lacking)} (is it a copy of best.pt?)")
+    return resumed
+
+
+def _fit(config, run_dir, device, data_dir, resume, progress, cache_dir, started) -> FitResult:
+    """:func:`fit`, with the run folder locked."""
+    use_amp = config.amp and device.type == "cuda"
+    last_path = run_dir / "last.pt"
+    resumed = _check_run_folder(run_dir, config, resume)
 
     saved_epoch = None if resumed is None else int(resumed["epoch"])  # the epoch last.pt holds
     epoch = None  # the epoch being trained
@@ -186,18 +233,24 @@ def fit(
         start_epoch = 0
         if resumed is not None:
             _restore(last_path, resumed, model, optimizer, scaler, stopper)
-            _repair_best(run_dir / "best.pt", resumed)
             history = [dict(row) for row in resumed["history"]]
             start_epoch = saved_epoch + 1
             print(f"resuming {run_dir} after epoch {start_epoch} (best val Dice {stopper.best_score:.4f})")
 
-        # --- data: split by study first, then slice --------------------------------------------
+        # --- data: split by study first, then slice; the run's data must be the resumed run's ---
         data_dir = resolve_data_dir(data_dir, phantom_size=config.image_size, progress=progress)
         split = get_split(config.split)
-        train_set = SliceDataset(annotated_studies(data_dir, split.train), config.image_size, cache_dir, progress)
-        val_set = SliceDataset(annotated_studies(data_dir, split.val), config.image_size, cache_dir, progress)
-        _remove_stale_temporaries(run_dir)
-        _write_json(run_dir / "config.json", config.to_dict())
+        train_studies, val_studies = annotated_studies(data_dir, split.train), annotated_studies(data_dir, split.val)
+        identity = data_identity(train_studies + val_studies)
+        if resumed is not None and resumed.get("data", identity) != identity:
+            raise RunMismatchError(last_path, f"was trained on other data than {data_dir} (data identity {resumed['data']}, "
+                                              f"not {identity}); resume it with the --data it was trained on, or choose another --out")
+        if resumed is not None:
+            _repair_best(run_dir / "best.pt", resumed)
+
+        train_set = SliceDataset(train_studies, config.image_size, cache_dir, progress)
+        val_set = SliceDataset(val_studies, config.image_size, cache_dir, progress)
+        config_written = False
 
         # --- epochs -------------------------------------------------------------------------
         for epoch in range(start_epoch, config.max_epochs):
@@ -210,16 +263,21 @@ def fit(
             model.train()
             losses = []
             bar = tqdm(loader, desc=f"epoch {epoch + 1}/{config.max_epochs}", disable=not progress, leave=False)
-            for images, masks in bar:
+            for step, (images, masks) in enumerate(bar):
                 images, masks = images.to(device, non_blocking=True), masks.to(device, non_blocking=True)
                 optimizer.zero_grad(set_to_none=True)
                 with torch.autocast("cuda") if use_amp else contextlib.nullcontext():
                     loss = loss_fn(model(images), masks)
+                losses.append(loss.item())
+                if not math.isfinite(losses[-1]):
+                    raise _diverged(run_dir, config, saved_epoch, epoch, f"the loss became {losses[-1]} at step {step + 1}")
                 scaler.scale(loss).backward()
                 scaler.step(optimizer)
                 scaler.update()
-                losses.append(loss.item())
                 bar.set_postfix(loss=f"{losses[-1]:.4f}")
+            broken = _first_non_finite(model)
+            if broken:
+                raise _diverged(run_dir, config, saved_epoch, epoch, f"weight {broken} became non-finite")
             val_dice = validation_dice(model, val_set, config.batch_size, device, use_amp)
 
             # --- bookkeeping: a Ctrl-C here waits until last.pt holds this complete epoch ------
@@ -233,7 +291,10 @@ def fit(
                 }
                 history.append(row)
                 improved = stopper.update(val_dice, epoch)
-                state = _state(config, model, optimizer, scaler, stopper, history, epoch)
+                state = _state(config, model, optimizer, scaler, stopper, history, epoch, identity)
+                if not config_written:  # with the first checkpoint: a run that saved nothing leaves nothing
+                    write_json(run_dir / "config.json", config.to_dict())
+                    config_written = True
                 save_checkpoint(state, last_path)  # first: a resume can always rebuild best.pt from it
                 saved_epoch = epoch
                 if improved:
@@ -251,6 +312,20 @@ def fit(
 
     card = RunCard.describe(config, data_dir, device, len(history), time.perf_counter() - started)
     return FitResult(run_dir, history, stopper.best_epoch, stopper.best_score, stopper.should_stop, card)
+
+
+def _first_non_finite(model: torch.nn.Module) -> str | None:
+    """The name of the first parameter or buffer of ``model`` holding a NaN or infinity."""
+    for name, tensor in model.state_dict().items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            return name
+    return None
+
+
+def _diverged(run_dir: Path, config: TrainConfig, saved_epoch: int | None, epoch: int, what: str) -> TrainingDiverged:
+    kept = "no epoch was saved" if saved_epoch is None else f"{run_dir / 'last.pt'} keeps epoch {saved_epoch + 1}, the last good one"
+    return TrainingDiverged(run_dir, f"training diverged: {what} in epoch {epoch + 1}; nothing of that epoch was saved and {kept} "
+                                     f"(try a smaller --lr than {config.lr:g})")
 
 
 class TrainingInterrupted(KeyboardInterrupt):
@@ -334,22 +409,11 @@ def _restore(path: Path, state: dict, model, optimizer, scaler, stopper: EarlySt
         raise CheckpointError(path, f"cannot resume from it: its state does not fit the model ({first})") from None
 
 
-_TEMPORARY_PATTERNS = (".last.pt.*.tmp", ".best.pt.*.tmp", ".history.csv.tmp", ".history.json.tmp", ".config.json.tmp")
-"""Temporary files this module and :mod:`covidseg.checkpoint` write before renaming them."""
-
-
-def _remove_stale_temporaries(run_dir: Path) -> None:
-    """Delete temporary files left by a run that was killed while writing (SIGKILL, power loss)."""
-    for pattern in _TEMPORARY_PATTERNS:
-        for stale in run_dir.glob(pattern):
-            with contextlib.suppress(OSError):
-                stale.unlink()
-
-
-def _state(config, model, optimizer, scaler, stopper, history, epoch) -> dict:
+def _state(config, model, optimizer, scaler, stopper, history, epoch, data) -> dict:
     """Everything ``last.pt`` holds: model, optimiser (and AMP scaler), epoch, early stopping,
-    history, config."""
+    history, config, and the identity of the data trained on."""
     return {
+        "data": data,
         "model_name": config.model,
         "config": config.to_dict(),
         "model": model.state_dict(),
@@ -367,22 +431,5 @@ def _write_history(run_dir: Path, history: list[dict]) -> None:
     writer = csv.DictWriter(buffer, fieldnames=HISTORY_FIELDS, lineterminator="\n")
     writer.writeheader()
     writer.writerows(history)
-    _write_text(run_dir / "history.csv", buffer.getvalue())
-    _write_json(run_dir / "history.json", history)
-
-
-def _write_json(path: Path, value) -> None:
-    _write_text(path, json.dumps(value, indent=2) + "\n")
-
-
-def _write_text(path: Path, text: str) -> None:
-    """Write a small text file through ``.NAME.tmp`` and a rename; on failure the old file stays."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
-    except OSError as exc:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise DataError(path, f"could not be written ({exc.strerror or exc}); the previous file is kept") from None
+    write_text(run_dir / "history.csv", buffer.getvalue())
+    write_json(run_dir / "history.json", history)

@@ -88,12 +88,12 @@ def test_failed_write_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
 
 def test_read_only_folder(tmp_path, monkeypatch):
     """A folder the user cannot write to (simulated: tests may run as root, who can write anywhere)."""
-    import tempfile
+    from covidseg import files
 
     def denied(*args, **kwargs):
         raise PermissionError(13, "Permission denied")
 
-    monkeypatch.setattr(tempfile, "mkstemp", denied)
+    monkeypatch.setattr(files, "temporary_name", denied)
     with pytest.raises(CheckpointError, match="last.pt: could not be written \\(Permission denied\\)"):
         save_checkpoint(_state(), tmp_path / "last.pt")
     assert not (tmp_path / "last.pt").exists()

@@ -116,14 +116,30 @@ def test_no_flag_parses_with_bool():
     "args, problem",
     [
         ([], "the following arguments are required: COMMAND"),
-        (["train", "--model", "unet", "--out", "r", "--epochs", "0"], "train: argument --epochs: must be at least 1, got 0"),
+        (["train", "--model", "unet", "--out", "r", "--epochs", "0"], "train: argument --epochs: must be between 1 and 100000, got 0"),
         (["train", "--model", "unet", "--out", "r", "--lr", "fast"], "train: argument --lr: expected a number, got 'fast'"),
         (["train", "--model", "unet-2000", "--out", "r"], "train: argument --model: invalid choice: 'unet-2000'"),
-        (["train", "--model", "unet", "--out", "r", "--device", "tpu"], "train: argument --device: unknown device 'tpu'"),
+        (["train", "--model", "unet", "--out", "r", "--device", "tpu"], "train: argument --device: is not a supported device; use auto, cpu, cuda, cuda:N or mps, got tpu"),
+        *[(["train", "--model", "unet", "--out", "r", "--device", d], f"train: argument --device: is not a supported device; use auto, cpu, cuda, cuda:N or mps, got {d}")
+          for d in ("meta", "xpu", "hpu", "cuda:x")],
+        (["predict", "--run", "r", "a.nii.gz", "b.nii.gz", "--device", "meta"], "predict: argument --device: is not a supported device"),
+        (["train", "--model", "unet", "--out", "r", "--seed", "99999999999999999999"],
+         "train: argument --seed: must be between 0 and 4294967295, got 99999999999999999999"),
+        (["train", "--model", "unet", "--out", "r", "--seed", "-1"], "train: argument --seed: must be between 0 and 4294967295, got -1"),
+        (["phantom", "p", "--seed", "99999999999999999999"], "phantom: argument --seed: must be between 0 and 4294967295"),
+        (["train", "--model", "unet", "--out", "r", "--unet-width", "1024"], "train: argument --unet-width: must be between 1 and 256, got 1024"),
+        (["train", "--model", "unet", "--out", "r", "--image-size", "0"], "train: argument --image-size: must be between 16 and 2048, got 0"),
+        (["train", "--model", "unet", "--out", "r", "--lr", "nan"], "train: argument --lr: must be a finite number, got nan"),
+        (["train", "--model", "unet", "--out", "r", "--lr", "-1"], "train: argument --lr: must be at least 0.0, got -1"),
+        (["train", "--model", "unet", "--out", "r", "--min-delta", "-1"], "train: argument --min-delta: must be between 0.0 and 1.0, got -1"),
+        (["train", "--model", "unet", "--out", "r", "--patience", "0"], "train: argument --patience: must be between 1 and 100000, got 0"),
+        (["train", "--model", "unet", "--out", "r", "--loss", "focal"], "train: argument --loss: invalid choice: 'focal'"),
         (["predict", "--run", "r", "in.nii.gz"], "predict: the following arguments are required: OUT.nii.gz"),
         (["evaluate", "--run", "r", "--part", "holdout"], "evaluate: argument --part: invalid choice: 'holdout'"),
     ],
-    ids=["no-command", "zero-epochs", "lr-word", "unknown-model", "unknown-device", "missing-output", "unknown-part"],
+    ids=["no-command", "zero-epochs", "lr-word", "unknown-model", "unknown-device", "meta", "xpu", "hpu", "cuda-x", "predict-meta",
+         "huge-seed", "negative-seed", "phantom-seed", "huge-width", "zero-size", "nan-lr", "negative-lr", "negative-min-delta",
+         "zero-patience", "unknown-loss", "missing-output", "unknown-part"],
 )
 def test_usage_errors_are_one_line(args, problem, capsys):
     assert main(args) == EXIT_ERROR

@@ -175,7 +175,7 @@ def test_kill_while_writing_a_checkpoint_never_corrupts_last_pt(data, reference,
     assert main(train_args(data, run)[:-2] + ["--epochs", "1"]) == 0
     before = (run / "last.pt").read_bytes()
 
-    real_fdopen = os.fdopen
+    from covidseg import files
 
     class HalfThenDie:
         def __init__(self, handle):
@@ -192,11 +192,11 @@ def test_kill_while_writing_a_checkpoint_never_corrupts_last_pt(data, reference,
             self.handle.flush()
             raise _Killed
 
-    def fdopen(fd, mode="r", *args, **kwargs):
-        handle = real_fdopen(fd, mode, *args, **kwargs)
-        return HalfThenDie(handle) if ".last.pt." in os.readlink(f"/proc/self/fd/{fd}") else handle
+    def half_open(file, mode="r", *args, **kwargs):
+        handle = open(file, mode, *args, **kwargs)
+        return HalfThenDie(handle) if Path(file).name.startswith(".last.pt.") else handle
 
-    monkeypatch.setattr(os, "fdopen", fdopen)
+    monkeypatch.setattr(files, "open", half_open, raising=False)  # the open() that atomic_write calls
     with pytest.raises(_Killed):
         main(train_args(data, run, "--resume"))
     monkeypatch.undo()
@@ -204,7 +204,9 @@ def test_kill_while_writing_a_checkpoint_never_corrupts_last_pt(data, reference,
     assert load_checkpoint(run / "last.pt")["epoch"] == 0
 
     # A real SIGKILL would also have left the half-written temporary file behind.
-    stale = run / ".last.pt.k1ll3d.tmp"
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    stale = run / f".last.pt.{dead.pid}.0badc0de.tmp"
     stale.write_bytes(before[: len(before) // 2])
     assert main(train_args(data, run, "--resume")) == 0
     assert not stale.exists(), "a resumed run removes what a killed one left half written"

@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from covidseg.errors import CheckpointError
+from covidseg.errors import RunFolderError, RunMismatchError
 from covidseg.training import EarlyStopping, fit
 
 from conftest import tiny_config
@@ -51,9 +51,9 @@ def test_resume_continues_exactly_like_an_uninterrupted_run(tiny50, tmp_path):
 def test_existing_run_is_not_overwritten_and_config_must_match(tiny50, tmp_path):
     fit(tiny_config(max_epochs=1), tmp_path / "run", data_dir=tiny50, progress=False)
     before = (tmp_path / "run" / "last.pt").read_bytes()
-    with pytest.raises(CheckpointError, match="already holds a run; pass --resume"):
+    with pytest.raises(RunFolderError, match="already holds a run; pass --resume"):
         fit(tiny_config(max_epochs=1), tmp_path / "run", data_dir=tiny50, progress=False)
-    with pytest.raises(CheckpointError, match="another config: lr"):
+    with pytest.raises(RunMismatchError, match="another config: lr"):
         fit(tiny_config(max_epochs=2, lr=0.5), tmp_path / "run", data_dir=tiny50, resume=True, progress=False)
     assert (tmp_path / "run" / "last.pt").read_bytes() == before
 
@@ -69,10 +69,21 @@ def test_a_finished_run_is_reused_only_with_the_same_config_and_code(tiny50, tmp
     assert "reusing the finished run" in capsys.readouterr().out and len(history) == 1
     assert (run / "best.pt").read_bytes() == trained
 
+    before = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
     monkeypatch.setattr(notebook, "code_fingerprint", lambda: "other code")
-    _, history = notebook.train_or_reuse(config.replace(max_epochs=2), tiny50, run, progress=False)
-    assert "trained with another config or by other code" in capsys.readouterr().out
-    assert len(history) == 2 and json.loads((run / "finished.json").read_text())["code"] == "other code"
+    beside, history = notebook.train_or_reuse(config.replace(max_epochs=2), tiny50, run, progress=False)
+    out = capsys.readouterr().out
+    assert f"the run in {run} is kept as it is (it was trained with another config and other code)" in out
+    assert beside.parent == run.parent and beside.name.startswith("run-") and str(beside) in out
+    assert len(history) == 2 and json.loads((beside / "finished.json").read_text())["code"] == "other code"
+    assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()} == before  # the finished run is never touched
+    again, history = notebook.train_or_reuse(config.replace(max_epochs=2), tiny50, run, progress=True)
+    assert again == beside and len(history) == 2 and f"reusing the finished run in {beside}" in capsys.readouterr().out
+    # Asked to, it reuses a run of the same config and data that other code trained, and says so.
+    monkeypatch.setattr(notebook, "code_fingerprint", lambda: "newer code")
+    again, _ = notebook.train_or_reuse(config, tiny50, run, progress=True, reuse_other_code=True)
+    assert again == run and "trained by other code, reused as asked" in capsys.readouterr().out
+    assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()} == before
 
 
 def test_the_code_fingerprint_follows_the_package_sources(tmp_path, monkeypatch):
