@@ -14,6 +14,7 @@ file that a live process is still writing.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import re
 import secrets
@@ -26,9 +27,12 @@ __all__ = [
     "atomic_path",
     "atomic_write",
     "new_file_mode",
+    "open_no_follow",
     "remove_stale_temporaries",
     "temporary_name",
 ]
+
+_NO_FOLLOW = getattr(os, "O_NOFOLLOW", 0)
 
 _TEMPORARY = re.compile(r"^\.(?P<name>.+)\.(?P<pid>\d+)\.[0-9a-f]{8}\.tmp(?P<suffix>\.[\w.]+)?$")
 
@@ -89,11 +93,11 @@ def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = temporary_name(path, suffix)
     mode = new_file_mode(path)
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o600)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _NO_FOLLOW, 0o600)
     os.close(fd)
     try:
         yield tmp
-        fd = os.open(tmp, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+        fd = os.open(tmp, os.O_RDONLY | _NO_FOLLOW)
         try:
             os.fsync(fd)
         finally:
@@ -130,6 +134,39 @@ def atomic_write(path: str | os.PathLike, mode: str = "w", encoding: str | None 
         with open(tmp, mode, encoding=None if "b" in mode else encoding) as handle:
             yield handle
             handle.flush()
+
+
+_OPEN_FLAGS = {
+    "wb": os.O_WRONLY | os.O_CREAT | os.O_TRUNC,
+    "ab": os.O_WRONLY | os.O_CREAT | os.O_APPEND,
+    "a": os.O_WRONLY | os.O_CREAT | os.O_APPEND,
+}
+
+
+def open_no_follow(path: str | os.PathLike, mode: str = "ab"):
+    """``open(path, mode)`` for writing, refusing to follow a symbolic link at ``path``.
+
+    A new file gets ``0o666`` less the umask, as with :func:`open`; an existing file keeps its mode.
+
+    Args:
+        path: The file to create, truncate (``"wb"``) or append to (``"ab"``, ``"a"``).
+        mode: ``"wb"``, ``"ab"`` or ``"a"`` (text).
+
+    Raises:
+        IsADirectoryError, PermissionError...: As :func:`open`.
+        OSError: With ``errno.ELOOP`` if ``path`` is a symbolic link (checked with ``lstat`` and,
+            where the platform has it, by ``O_NOFOLLOW``, which closes the race between the two).
+    """
+    if mode not in _OPEN_FLAGS:
+        raise ValueError(f"mode must be one of {', '.join(_OPEN_FLAGS)}, got {mode!r}")
+    if os.path.islink(path):
+        raise OSError(errno.ELOOP, "is a symbolic link; not following it", os.fspath(path))
+    fd = os.open(path, _OPEN_FLAGS[mode] | _NO_FOLLOW | getattr(os, "O_CLOEXEC", 0), 0o666)
+    try:
+        return os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": "utf-8"}))
+    except BaseException:
+        os.close(fd)
+        raise
 
 
 def _alive(pid: int) -> bool:
