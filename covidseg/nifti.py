@@ -205,10 +205,14 @@ def write_image_atomically(image: nib.Nifti1Image, path: str | os.PathLike) -> P
     """
     path = Path(path)
     check_output_path(path)
+    started = False
     try:
         with atomic_path(path, suffix=_nifti_suffix(path)) as tmp:
+            started = True
             nib.save(image, tmp)
     except OSError as exc:
+        if not started:  # the temporary file could not even be created
+            raise DataError(path, f"cannot write here ({exc.strerror or exc})") from None
         raise DataError(path, f"could not be written ({exc.strerror or exc}); nothing was changed") from None
     except Exception as exc:  # nibabel's own errors, e.g. for a header it cannot encode
         raise DataError(path, f"could not be written ({_reason(exc)}); nothing was changed") from None
