@@ -55,9 +55,22 @@ def new_file_mode(path: str | os.PathLike) -> int:
     try:
         return stat.S_IMODE(os.stat(path).st_mode)
     except OSError:
-        umask = os.umask(0)
-        os.umask(umask)
-        return 0o666 & ~umask
+        return 0o666 & ~_umask()
+
+
+def _umask() -> int:
+    """The process umask, read without changing it where the platform allows (Linux 4.7+
+    reports it in ``/proc/self/status``; setting and restoring it would race with other threads)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return umask
 
 
 def _sync_folder(folder: Path) -> None:
@@ -80,7 +93,9 @@ def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
     ends without an exception the file is flushed, given :func:`new_file_mode` and renamed over
     ``path``. On an exception the temporary file is removed and ``path`` is untouched.
 
-    The temporary file is created empty and exclusively (never through a symbolic link).
+    The temporary file is created empty and exclusively (never through a symbolic link). Before
+    it is, the temporaries that killed processes left in the folder are removed
+    (:func:`remove_stale_temporaries`), so every later write cleans up after a killed one.
 
     Args:
         path: The target file; its folder is created if missing.
@@ -91,6 +106,7 @@ def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(path.parent)
     tmp = temporary_name(path, suffix)
     mode = new_file_mode(path)
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _NO_FOLLOW, 0o600)
@@ -184,6 +200,9 @@ def _alive(pid: int) -> bool:
 def remove_stale_temporaries(folder: str | os.PathLike) -> list[Path]:
     """Remove the temporary files and folders (see :func:`temporary_name`) that processes which
     are no longer running left in ``folder`` (killed by SIGKILL or a power loss).
+
+    A process is taken to be running if a process with its id exists on this machine; a folder
+    written from two machines at once (a network drive) must not rely on this.
 
     Returns:
         The paths removed.
