@@ -134,3 +134,21 @@ def test_header_whose_sform_and_pixdim_disagree_is_refused(tmp_path):
     with pytest.raises(DataError, match=r"ct\.nii\.gz: header is ambiguous: the sform's voxel size 0\.7 x 0\.7 x 8 mm "
                                         r"differs from pixdim 1 x 1 x 1 mm"):
         load_volume(tmp_path / "ct.nii.gz")
+
+
+def test_lesion_volume_of_a_sheared_grid_uses_the_determinant(tmp_path, threshold_model):
+    """A sheared grid (e.g. an uncorrected gantry tilt): the voxel is |det A|, not the product of
+    the column norms, which overstates it."""
+    hu, _ = synthetic_ct(shape=(32, 32, 6), seed=3)
+    sform = _affine("LAS")
+    sform[:3, 2] += (0.0, 5.0 * np.tan(np.deg2rad(20)), 0.0)  # slices shifted along y by 20 degrees
+    study = _write_study(tmp_path / "ct.nii.gz", hu, None, 0, sform, 1)
+    volume_ml = predict_file(tmp_path / "run", study, tmp_path / "mask.nii.gz", batch_size=4, device="cpu")
+    stored = nib.load(study).header.get_sform()  # float32 in the file
+    determinant = abs(np.linalg.det(stored[:3, :3]))
+    norms = np.prod(np.sqrt((stored[:3, :3] ** 2).sum(axis=0)))
+    assert determinant == pytest.approx(0.7 * 0.8 * 5.0) and norms > 1.06 * determinant
+    assert volume_ml == pytest.approx((hu > -600).sum() * determinant / 1000.0, rel=1e-9)
+    written, source = nib.load(tmp_path / "mask.nii.gz"), nib.load(study)
+    for field in GEOMETRY_FIELDS:
+        np.testing.assert_array_equal(written.header[field], source.header[field], err_msg=field)
