@@ -20,6 +20,7 @@ from nibabel.filebasedimages import ImageFileError
 
 from .errors import DataError
 from .files import atomic_path
+from .preprocessing import show_values
 
 __all__ = [
     "WORKING_ORIENTATION",
@@ -123,7 +124,8 @@ def load_volume(path: str | os.PathLike, dtype=None) -> Volume:
     if min(image.shape) < 1:
         raise DataError(path, f"empty volume: shape {image.shape}")
     if not np.isfinite(image.affine).all() or abs(np.linalg.det(image.affine[:3, :3])) < _MIN_VOXEL_VOLUME_MM3:
-        raise DataError(path, "voxel-to-world affine is degenerate (zero or non-finite voxel size); fix the header")
+        raise DataError(path, f"voxel-to-world affine is degenerate (voxel volume {show_values([abs(np.linalg.det(image.affine[:3, :3]))])} mm³, "
+                              "zero or non-finite); fix the header")
     _check_unambiguous_voxel_size(image.header, path)
     try:
         raw = np.asanyarray(image.dataobj)
@@ -149,7 +151,7 @@ def load_volume(path: str | os.PathLike, dtype=None) -> Volume:
 def save_volume(array: np.ndarray, like: Volume, path: str | os.PathLike, description: str | None = None) -> Path:
     """Write ``array`` (working orientation) on the grid of ``like``, atomically.
 
-    The file gets ``like``'s on-disk orientation and its header geometry exactly: the qform
+    The file gets ``like``'s on-disk orientation, NIfTI version and header geometry exactly: the qform
     (quaternion, offsets, ``pixdim`` with ``qfac``), the sform rows and both codes are copied
     field by field, so every reader (nibabel, which prefers the sform; ITK, ITK-SNAP and 3D
     Slicer, which prefer the qform unless the sform code is 1, scanner anatomical) places the
@@ -167,7 +169,8 @@ def save_volume(array: np.ndarray, like: Volume, path: str | os.PathLike, descri
     """
     if array.shape != like.array.shape:
         raise ValueError(f"array shape {array.shape} differs from the reference {like.array.shape}")
-    image = nib.Nifti1Image(like.to_file_orientation(array), None, like.header)
+    kind = nib.Nifti2Image if isinstance(like.header, nib.Nifti2Header) else nib.Nifti1Image  # float64 geometry stays float64
+    image = kind(like.to_file_orientation(array), None, like.header)
     header = image.header
     for field in _GEOMETRY_FIELDS:
         header[field] = like.header[field]
@@ -278,7 +281,8 @@ def check_same_grid(study: Volume, mask: Volume) -> None:
         raise DataError(mask.path, f"mask shape {mask.array.shape} differs from its study's {study.array.shape}")
     gap = float(np.abs(study.affine - mask.affine).max())
     if gap > AFFINE_TOLERANCE_MM:
-        raise DataError(mask.path, f"mask affine differs from its study's by up to {gap:.3g} mm")
+        raise DataError(mask.path, f"mask affine differs from its study's by up to {show_values([gap])} mm "
+                                   f"(at most {AFFINE_TOLERANCE_MM:g} mm allowed)")
 
 
 def _open_problem(exc: BaseException, path: Path) -> str:

@@ -49,6 +49,7 @@ CASES = [
     ("qform-differs-codes-2-and-4", _affine("LPI"), 2, _affine("LPI", tilt_deg=-7), 4),
     ("sform-only", None, 0, _affine("LPI", tilt_deg=3), 1),
     ("qform-only", _affine("LAS", tilt_deg=4), 1, None, 0),
+    ("neither-code", _affine("LAS"), 0, _affine("LAS"), 0),
 ]
 
 
