@@ -29,7 +29,9 @@ import logging
 import operator
 import os
 import re
+import socket
 import ssl
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -305,7 +307,7 @@ def download(
     except OSError as exc:
         raise DownloadError(out, f"cannot create the folder ({_reason(exc)})") from None
 
-    fetcher = _Fetcher(urllib.request.build_opener(), retries, backoff, timeout, progress, min_speed, stall_seconds)
+    fetcher = _Fetcher(None, retries, backoff, timeout, progress, min_speed, stall_seconds)
     files = []
     with _exclusive_lock(out / LOCK_NAME):
         with tqdm(total=len(paths), unit="file", desc="MosMedData CT-1", disable=not progress) as bar:
@@ -362,9 +364,10 @@ class _RangeNotSatisfiable(Exception):
 class _Fetcher:
     """Fetches single files with verification, resumption and retries."""
 
-    def __init__(self, opener: urllib.request.OpenerDirector, retries: int, backoff: float,
+    def __init__(self, opener: urllib.request.OpenerDirector | None, retries: int, backoff: float,
                  timeout: float, progress: bool, min_speed: float = 0.0, stall_seconds: float = STALL_SECONDS):
-        self.opener = opener
+        self.deadline = _HeaderDeadline(timeout)
+        self.opener = opener or _build_opener(self.deadline)
         self.retries = retries
         self.backoff = backoff
         self.timeout = timeout
@@ -440,7 +443,7 @@ class _Fetcher:
         headers = {"User-Agent": USER_AGENT, "Accept-Encoding": "identity"}
         if offset:
             headers["Range"] = f"bytes={offset}-"
-        response = self._open(urllib.request.Request(url, headers=headers), offset)
+        response = self._open_or_classify(urllib.request.Request(url, headers=headers), offset)
         with response:
             total, offset = self._expected_size(response, url, offset)
             if total is not None:
@@ -475,6 +478,17 @@ class _Fetcher:
         url = request.full_url
         try:
             return self.opener.open(request, timeout=self.timeout)
+        except Exception:
+            if self.deadline.expired:
+                raise _Transient(f"no complete response headers within {self.timeout:g} s") from None
+            raise
+        finally:
+            self.deadline.stop()
+
+    def _open_or_classify(self, request: urllib.request.Request, offset: int) -> http.client.HTTPResponse:
+        url = request.full_url
+        try:
+            return self._open(request, offset)
         except urllib.error.HTTPError as exc:
             exc.close()
             if exc.code == 416 and offset:
@@ -588,6 +602,61 @@ def _update_registry(out: Path, fetched: list[Study]) -> Path:
         return write_registry(out, list(known.values()))
     except OSError as exc:
         raise DownloadError(out / REGISTRY_NAME, f"cannot write ({_reason(exc)})") from None
+
+
+class _HeaderDeadline:
+    """Gives up on a request whose status line and headers have not all arrived ``seconds`` after
+    it started: a timeout per read alone lets a server trickle them a byte at a time. On expiry the
+    connection's socket is shut down, which fails the read that is waiting."""
+
+    def __init__(self, seconds: float):
+        self.seconds = seconds
+        self.expired = False
+        self._timer: threading.Timer | None = None
+
+    def start(self, connection: http.client.HTTPConnection) -> None:
+        self.stop()
+        self.expired = False
+
+        def expire():
+            self.expired = True
+            sock = getattr(connection, "sock", None)
+            if sock is not None:
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
+
+        self._timer = threading.Timer(self.seconds, expire)
+        self._timer.daemon = True
+        self._timer.start()
+
+    def stop(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+
+def _build_opener(deadline: _HeaderDeadline) -> urllib.request.OpenerDirector:
+    """urllib's opener, with ``deadline`` started as each HTTP(S) connection is made."""
+
+    def watched(base):
+        class Connection(base):
+            def connect(self):
+                deadline.start(self)
+                super().connect()
+
+        return Connection
+
+    http_connection, https_connection = watched(http.client.HTTPConnection), watched(http.client.HTTPSConnection)
+
+    class HTTPHandler(urllib.request.HTTPHandler):
+        def http_open(self, req):
+            return self.do_open(http_connection, req)
+
+    class HTTPSHandler(urllib.request.HTTPSHandler):
+        def https_open(self, req):
+            return self.do_open(https_connection, req, context=self._context)
+
+    return urllib.request.build_opener(HTTPHandler, HTTPSHandler)
 
 
 class _SpeedRule:

@@ -9,9 +9,11 @@ connection to another host fails the test.
 from __future__ import annotations
 
 import hashlib
+import os
 import re
 import shutil
 import socket
+import stat
 import subprocess
 import threading
 import time
@@ -86,6 +88,8 @@ class FaultyMirror(BaseHTTPRequestHandler):
             self.connection.shutdown(socket.SHUT_RDWR)
             self.close_connection = True
             return
+        if fault == "slow-headers":  # the status line and headers a byte every 0.1 s, for at most 4 s
+            return self._slow_headers(status, body, extra)
         if fault in SLOW_FAULTS or fault in ("huge-length", "endless", "wrong-length", "chunks"):
             return self._misbehave(fault, status, body, extra)
         if fault == "oversize":  # no Content-Length: the body runs until the connection closes
@@ -122,6 +126,20 @@ class FaultyMirror(BaseHTTPRequestHandler):
                     time.sleep(0.1)
                 return
             self.wfile.flush()
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+        self.close_connection = True
+
+    def _slow_headers(self, status, body, extra):
+        head = (f"HTTP/1.1 {status} OK\r\nContent-Type: application/octet-stream\r\n"
+                + "".join(f"{k}: {v}\r\n" for k, v in extra.items())
+                + f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n").encode()
+        try:
+            for k in range(40):
+                self.wfile.write(head[k : k + 1])
+                self.wfile.flush()
+                time.sleep(0.1)
+            self.wfile.write(head[40:] + body)
         except (BrokenPipeError, ConnectionResetError):
             pass
         self.close_connection = True
@@ -594,6 +612,7 @@ def test_a_content_length_other_than_the_manifest_size_is_refused(mirror, tmp_pa
         ("trickle", dict(min_speed=1000, stall_seconds=0.5), r"too slow: \d+ bytes in [\d.]+ s, less than the 1000 bytes/s required"),
         ("silent", dict(timeout=0.5), r"timed out"),
         ("one-byte", dict(), r"connection closed after \d of \d+ bytes"),
+        ("slow-headers", dict(timeout=0.5), r"no complete response headers within 0\.5 s"),
     ],
 )
 def test_slow_or_stingy_servers_are_given_up_on(fault, options, problem, mirror, tmp_path):
@@ -665,3 +684,17 @@ def test_a_linked_subfolder_leading_outside_is_refused(mirror, tmp_path):
     with pytest.raises(DownloadError, match=r"study_0255_mask\.nii\.gz: lies outside the download folder"):
         mirror.download(out, ids=IDS[:1])
     assert list(outside.iterdir()) == []
+
+
+@pytest.mark.parametrize("umask, expected", [(0o022, 0o644), (0o077, 0o600)])
+def test_downloaded_files_honour_the_umask(umask, expected, mirror, tmp_path):
+    previous = os.umask(umask)
+    try:
+        out = tmp_path / "data"
+        part = out / (IMAGE + dl.PART_SUFFIX)
+        mirror.download(out, ids=IDS[:1])
+    finally:
+        os.umask(previous)
+    written = [out / IMAGE, out / MASK, out / REGISTRY_NAME]
+    assert {p.name: oct(stat.S_IMODE(p.stat().st_mode)) for p in written} == {p.name: oct(expected) for p in written}
+    assert not part.exists()

@@ -94,3 +94,22 @@ def test_binary_mask_accepts_1_within_float_precision():
     for mask in (scaled, np.array([0, 1.0000001, -1e-8], dtype=np.float32)):
         out = check_binary_mask(mask)
         assert out.dtype == np.uint8 and out.tolist() in ([0, 1, 1], [0, 1, 0])
+
+
+def test_hu_stored_unsigned_with_a_rescale_intercept_is_accepted(tmp_path):
+    """DICOM converters often store uint16 with scl_inter -1024: nibabel applies it, giving HU."""
+    import nibabel as nib
+
+    from covidseg.nifti import load_volume
+
+    hu, _ = synthetic_ct((48, 48, 4))
+    image = nib.Nifti1Image((hu.astype(np.int32) + 1024).astype(np.uint16), np.diag([-0.7, 0.7, 8.0, 1.0]))
+    image.header.set_slope_inter(1.0, -1024.0)
+    nib.save(image, tmp_path / "ct.nii.gz")
+    volume = load_volume(tmp_path / "ct.nii.gz")
+    check_hu_range(volume.array, volume.path)
+    assert np.array_equal(volume.array, hu)
+    raw = nib.Nifti1Image((hu.astype(np.int32) + 1024).astype(np.uint16), np.diag([-0.7, 0.7, 8.0, 1.0]))
+    nib.save(raw, tmp_path / "raw.nii.gz")  # the same numbers without the intercept: refused
+    with pytest.raises(DataError, match=r"raw\.nii\.gz: .* not Hounsfield units: no air"):
+        check_hu_range(load_volume(tmp_path / "raw.nii.gz").array, tmp_path / "raw.nii.gz")
