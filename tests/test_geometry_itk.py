@@ -14,12 +14,13 @@ import pytest
 import torch
 
 from covidseg import prediction
+from covidseg.cli import main
 from covidseg.config import get_preset
 from covidseg.errors import DataError
 from covidseg.nifti import load_volume
 from covidseg.prediction import predict_file
 
-from conftest import synthetic_ct
+from conftest import synthetic_ct, write_lesion_everywhere_run
 
 sitk = pytest.importorskip("SimpleITK", reason="SimpleITK is a test dependency (pip install covidseg[test])")
 
@@ -153,3 +154,26 @@ def test_lesion_volume_of_a_sheared_grid_uses_the_determinant(tmp_path, threshol
     written, source = nib.load(tmp_path / "mask.nii.gz"), nib.load(study)
     for field in GEOMETRY_FIELDS:
         np.testing.assert_array_equal(written.header[field], source.header[field], err_msg=field)
+
+
+@pytest.mark.parametrize("name", ["LPI", "qform-differs-sform-aligned"])
+def test_covidseg_predict_writes_the_mask_on_the_studys_geometry(name, tmp_path, capsys):
+    """Through the command line and a real saved run (a U-Net whose head says lesion everywhere)."""
+    _, qform, qcode, sform, scode = next(c for c in CASES if c[0] == name)
+    hu, _ = synthetic_ct(shape=(32, 32, 4), seed=4)
+    study = _write_study(tmp_path / "ct.nii.gz", hu, qform, qcode, sform, scode)
+    run = write_lesion_everywhere_run(tmp_path / "run")
+    before = study.read_bytes()
+
+    code = main(["predict", "--run", str(run), str(study), str(tmp_path / "mask.nii.gz"), "--device", "cpu"])
+
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    voxel = float(np.prod(_itk_geometry(study)[1]))
+    assert out == f"lesion volume {hu.size * voxel / 1000:.1f} mL; mask written to {tmp_path / 'mask.nii.gz'}\n"
+    assert study.read_bytes() == before
+    assert _itk_geometry(tmp_path / "mask.nii.gz") == _itk_geometry(study)
+    written, source = nib.load(tmp_path / "mask.nii.gz"), nib.load(study)
+    for field in GEOMETRY_FIELDS:
+        np.testing.assert_array_equal(written.header[field], source.header[field], err_msg=field)
+    assert np.asarray(written.dataobj).min() == 1
