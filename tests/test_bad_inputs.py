@@ -252,6 +252,7 @@ def test_train_refuses_a_damaged_study(case, data, tmp_path, capsys):
     damage, problem = STUDY_DAMAGE[case]
     bad = study_path(data, TRAIN_ID, "CT-1")
     damage(bad)
+    before = snapshot(data)
     out = tmp_path / "run"
     with pytest.raises(DataError) as raised:
         fit(CONFIG, out, data_dir=data, progress=False)
@@ -259,6 +260,7 @@ def test_train_refuses_a_damaged_study(case, data, tmp_path, capsys):
     line = cli_error(capsys, ["train", "--data", data, "--out", out, *TRAIN_FLAGS])
     assert_names(line, bad, problem)
     assert not out.exists(), "a run that could not start must leave no run folder"
+    assert snapshot(data) == before
 
 
 @pytest.mark.parametrize("case", sorted(MASK_DAMAGE))
@@ -266,11 +268,13 @@ def test_train_refuses_a_damaged_mask(case, data, tmp_path, capsys):
     damage, problem = MASK_DAMAGE[case]
     bad = mask_path(data, TRAIN_ID)
     damage(bad)
+    before = snapshot(data)
     with pytest.raises(DataError):
         fit(CONFIG, tmp_path / "run", data_dir=data, progress=False)
     line = cli_error(capsys, ["train", "--data", data, "--out", tmp_path / "run", *TRAIN_FLAGS])
     assert_names(line, bad, problem)
     assert not (tmp_path / "run").exists()
+    assert snapshot(data) == before
 
 
 def _without_registry(root: Path) -> None:
@@ -622,10 +626,10 @@ def test_predict_refuses_a_damaged_input(case, ct, run, previous_output, capsys)
     damage(ct)
     with pytest.raises(DataError):
         predict_file(run, ct, previous_output, device="cpu")
-    before = snapshot(previous_output.parent, run)
+    before = snapshot(previous_output.parent, run, ct.parent)
     line = cli_error(capsys, ["predict", "--run", run, ct, previous_output, "--device", "cpu"])
     assert_names(line, ct, problem)
-    assert snapshot(previous_output.parent, run) == before
+    assert snapshot(previous_output.parent, run, ct.parent) == before
 
 
 @pytest.mark.parametrize("padding", [-3024, -2048, -2000, -32768])
