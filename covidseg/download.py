@@ -307,12 +307,15 @@ def download(
     except OSError as exc:
         raise DownloadError(out, f"cannot create the folder ({_reason(exc)})") from None
 
+    targets = {path: _inside(out, path) for path in paths}
+    for target in targets.values():  # before any request (checked again as each file is opened)
+        _refuse_links(target)
     fetcher = _Fetcher(None, retries, backoff, timeout, progress, min_speed, stall_seconds)
     files = []
     with _exclusive_lock(out / LOCK_NAME):
         with tqdm(total=len(paths), unit="file", desc="MosMedData CT-1", disable=not progress) as bar:
             for path in paths:
-                target = _inside(out, path)
+                target = targets[path]
                 limit = _Limit(sizes[path], True) if path in sizes else _Limit(max_bytes, False)
                 files.append(fetcher.ensure(target, mirror_url(path, mirror), hashes[path], limit))
                 bar.update()
@@ -377,9 +380,7 @@ class _Fetcher:
 
     def ensure(self, target: Path, url: str, sha1: str, limit: _Limit) -> Path:
         """Make ``target`` an intact copy of ``url``, downloading it unless it already is."""
-        part = target.with_name(target.name + PART_SUFFIX)
-        for path in (target, part):
-            _refuse_link(path)
+        part = _refuse_links(target)
         if target.is_file():
             actual = _hash_or_raise(target)
             if actual == sha1:
@@ -574,7 +575,7 @@ def _exclusive_lock(path: Path) -> Iterator[None]:
     try:
         handle = open_no_follow(path, "a")
     except OSError as exc:
-        raise DownloadError(path, f"cannot create the lock file ({_write_problem(exc)})") from None
+        raise DownloadError(path, _write_problem(exc, "cannot create the lock file")) from None
     with handle:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -690,16 +691,20 @@ def _inside(out: Path, path: str) -> Path:
     return target
 
 
-def _refuse_link(path: Path) -> None:
-    if path.is_symlink():
-        raise DownloadError(path, "is a symbolic link; refusing to follow it (remove it, or download into "
-                                  "a folder without links)")
+def _refuse_links(target: Path) -> Path:
+    """Refuse a symbolic link at ``target`` or at its ``.part`` file; return the ``.part`` path."""
+    part = target.with_name(target.name + PART_SUFFIX)
+    for path in (target, part):
+        if path.is_symlink():
+            raise DownloadError(path, "is a symbolic link; refusing to follow it (remove it, or download "
+                                      "into a folder without links)")
+    return part
 
 
-def _write_problem(exc: OSError) -> str:
+def _write_problem(exc: OSError, failed: str = "cannot write") -> str:
     if exc.errno == errno.ELOOP:
         return "is a symbolic link; refusing to follow it"
-    return f"cannot write ({_reason(exc)})"
+    return f"{failed} ({_reason(exc)})"
 
 
 def _checked_ids(ids: Iterable[int]) -> list[int]:

@@ -698,3 +698,20 @@ def test_downloaded_files_honour_the_umask(umask, expected, mirror, tmp_path):
     written = [out / IMAGE, out / MASK, out / REGISTRY_NAME]
     assert {p.name: oct(stat.S_IMODE(p.stat().st_mode)) for p in written} == {p.name: oct(expected) for p in written}
     assert not part.exists()
+
+
+@pytest.mark.parametrize("which", ["part", "lock"])
+def test_covidseg_download_refuses_a_link_in_one_line(which, tmp_path, capsys):
+    from covidseg.cli import EXIT_ERROR, main
+
+    out = tmp_path / "data"
+    outside = _outside_file(tmp_path)
+    link = out / (IMAGE + dl.PART_SUFFIX) if which == "part" else out / dl.LOCK_NAME
+    link.parent.mkdir(parents=True)
+    link.symlink_to(outside)
+    code = main(["download", str(out), "--mirror", "http://127.0.0.1:9/v1.0"])  # refused before any request
+    err = capsys.readouterr().err
+    assert code == EXIT_ERROR
+    assert err.splitlines() == [f"covidseg: error: {link}: is a symbolic link; refusing to follow it"
+                                + (" (remove it, or download into a folder without links)" if which == "part" else "")]
+    assert outside.read_bytes() == b"not yours" and link.is_symlink()
