@@ -33,9 +33,10 @@ AIR_HU = -1000.0
 """Air in Hounsfield units: every chest CT has plenty of it, outside the body and in the lungs."""
 
 PADDING_BELOW_HU = -1100.0
-"""A volume whose minimum lies below this holds padding at that value: the constant scanners write
-outside the reconstruction circle (DICOM Pixel Padding Value, e.g. -3024, -2048, -2000). Padding
-is not part of the field of view and is left out of :func:`check_hu_range`'s statistics."""
+"""Values below this are not tissue. The most common of them is taken as padding: the constant
+scanners write outside the reconstruction circle (DICOM Pixel Padding Value, e.g. -3024, -2048,
+-2000). Padding is not part of the field of view and is left out of :func:`check_hu_range`'s
+statistics."""
 
 AIR_PEAK_HU = (-1100.0, -700.0)
 """Where the air peak of a chest CT in HU lies: free air at -1000 (outside the body, trachea)
@@ -81,7 +82,7 @@ def check_hu_range(volume: np.ndarray, path=None, strict: bool = True) -> None:
 
     The Hounsfield scale puts water at 0 and air at -1000 by definition (Hounsfield, Br J Radiol
     46:1016, 1973), and every chest CT holds both air and soft tissue. The rule, on the field of
-    view (the volume less padding: voxels at its minimum when that minimum lies below
+    view (the volume less padding: the voxels holding the most common value below
     :data:`PADDING_BELOW_HU`, DICOM PS3.3 C.7.5.1.1.2 Pixel Padding Value):
 
     1. at least 1% of it is air, at or below -500 HU;
@@ -107,8 +108,10 @@ def check_hu_range(volume: np.ndarray, path=None, strict: bool = True) -> None:
     """
     sample = np.asarray(volume)[::2, ::2, :] if np.ndim(volume) == 3 else np.asarray(volume)
     sample = sample.ravel().astype(np.float64, copy=False)
-    if sample.size and sample.min() < PADDING_BELOW_HU and (sample > sample.min()).any():
-        sample = sample[sample > sample.min()]
+    below = sample[sample < PADDING_BELOW_HU]
+    if below.size:  # padding: the most common value below air
+        values, counts = np.unique(below, return_counts=True)
+        sample = sample[sample != values[np.argmax(counts)]]
     if not sample.size:
         return _refuse(path, "it is empty", strict)
     low, high = np.percentile(sample, [1, 99])

@@ -48,6 +48,15 @@ def test_hu_range_accepts_padding_outside_the_reconstruction_circle(padding):
     check_hu_range(hu, "scan.nii.gz")
 
 
+def test_hu_range_accepts_padding_with_stray_values_below_it():
+    """The padding need not be the minimum: a resampled edge or a stray voxel can lie below it."""
+    hu, _ = synthetic_ct((48, 48, 4))
+    hu[_circle_outside(hu.shape)] = -2048
+    hu[0, 0, :] = -3000
+    hu[2, 0, 0] = -32768
+    check_hu_range(hu, "scan.nii.gz")
+
+
 def test_hu_range_accepts_a_volume_cropped_to_the_body():
     """No outside air: the lungs (-850 HU) are the air peak."""
     hu, _ = synthetic_ct((48, 48, 4))
