@@ -43,7 +43,7 @@ from tqdm.auto import tqdm
 
 from . import __version__
 from .errors import DataError, DownloadError
-from .files import open_no_follow
+from .files import install, open_no_follow
 from .mosmed import ANNOTATED_IDS, REGISTRY_NAME, Study, discover_studies, mask_path, study_path, write_registry
 
 try:  # POSIX only; elsewhere concurrent runs are not serialised
@@ -394,7 +394,7 @@ class _Fetcher:
             raise DownloadError(target.parent, f"cannot create the folder ({_reason(exc)})") from None
         self._fetch(url, part, target, sha1, limit)
         try:
-            os.replace(part, target)
+            install(part, target)
         except OSError as exc:
             raise DownloadError(target, f"cannot rename {part.name} ({_reason(exc)})") from None
         return target

@@ -26,6 +26,7 @@ from pathlib import Path
 __all__ = [
     "atomic_path",
     "atomic_write",
+    "install",
     "new_file_mode",
     "open_no_follow",
     "remove_stale_temporaries",
@@ -87,6 +88,27 @@ def _sync_folder(folder: Path) -> None:
         os.close(fd)
 
 
+def install(tmp: str | os.PathLike, path: str | os.PathLike, mode: int | None = None) -> None:
+    """Give a finished file its final name: flush ``tmp`` to disk, give it ``mode`` (by default
+    :func:`new_file_mode` of ``path``), rename it over ``path`` and flush the rename.
+
+    The last step of :func:`atomic_path`, and of writers whose temporary file must keep a fixed
+    name between runs (a resumable download's ``.part`` file).
+
+    Raises:
+        OSError: If ``tmp`` is a symbolic link or missing, or the rename fails.
+    """
+    mode = new_file_mode(path) if mode is None else mode
+    fd = os.open(tmp, os.O_RDONLY | _NO_FOLLOW)
+    try:
+        os.fsync(fd)
+        os.fchmod(fd, mode)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+    _sync_folder(Path(path).parent)
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
     """Yield a temporary path beside ``path`` for a writer that wants a file name; when the block
@@ -113,14 +135,7 @@ def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
     os.close(fd)
     try:
         yield tmp
-        fd = os.open(tmp, os.O_RDONLY | _NO_FOLLOW)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.chmod(tmp, mode)
-        os.replace(tmp, path)
-        _sync_folder(path.parent)
+        install(tmp, path, mode)
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
