@@ -102,7 +102,10 @@ def install(tmp: str | os.PathLike, path: str | os.PathLike, mode: int | None = 
     fd = os.open(tmp, os.O_RDONLY | _NO_FOLLOW)
     try:
         os.fsync(fd)
-        os.fchmod(fd, mode)
+        if hasattr(os, "fchmod"):
+            os.fchmod(fd, mode)
+        else:  # pragma: no cover - Windows before Python 3.13
+            os.chmod(tmp, mode)
     finally:
         os.close(fd)
     os.replace(tmp, path)
