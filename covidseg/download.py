@@ -449,11 +449,11 @@ class _Fetcher:
             total, offset = self._expected_size(response, url, offset)
             if total is not None:
                 limit.check_total(total, url)
+            elif limit.exact:  # a body of unannounced length must still have the manifest's size
+                total = limit.size
             length = response.headers.get("Content-Length", "").strip()
             if length.isdigit():  # a 206's body may announce more than its Content-Range
                 limit.check(offset + int(length), url, "the server announces")
-            elif limit.exact:
-                total = limit.size
             content_type = response.headers.get("Content-Type", "")
             if "text/html" in content_type.lower():
                 raise DownloadError(url, f"the server returned an HTML page (Content-Type {content_type}) "
