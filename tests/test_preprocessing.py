@@ -122,3 +122,16 @@ def test_hu_stored_unsigned_with_a_rescale_intercept_is_accepted(tmp_path):
     nib.save(raw, tmp_path / "raw.nii.gz")  # the same numbers without the intercept: refused
     with pytest.raises(DataError, match=r"raw\.nii\.gz: .* not Hounsfield units: no air"):
         check_hu_range(load_volume(tmp_path / "raw.nii.gz").array, tmp_path / "raw.nii.gz")
+
+
+def test_metrics_apply_the_same_rule_to_ground_truth():
+    import torch
+
+    from covidseg.metrics import confusion_counts
+
+    pred = np.array([1, 0, 1, 0], dtype=np.float32)
+    with pytest.raises(ValueError, match=r"^ground truth must hold only 0 and 1, found 0\.75, 1\.0000012 \(is it a probability map\?\)$"):
+        confusion_counts(pred, np.array([0, 0.75, 1.0000012, 1], dtype=np.float32))
+    scaled = np.array([255, 0, 255, 0]) * np.float64(np.float32(1 / 255))  # 1 to float precision
+    assert tuple(int(c) for c in confusion_counts(pred, scaled)[:3]) == (2, 0, 0)
+    assert tuple(int(c) for c in confusion_counts(torch.from_numpy(pred), torch.tensor([1, 0, 0, 0]))[:3]) == (1, 1, 0)
