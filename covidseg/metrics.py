@@ -52,6 +52,8 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from .preprocessing import non_binary_values, show_values
+
 __all__ = [
     "THRESHOLD",
     "EMPTY_POLICIES",
@@ -106,10 +108,10 @@ def _binarise_truth(truth: Any) -> np.ndarray:
     truth = _as_numpy(truth)
     if truth.dtype == bool:
         return truth
-    binary = truth == 1
-    if not (binary | (truth == 0)).all():
-        raise ValueError("ground truth must hold only 0 and 1 (got other values; is it a probability map?)")
-    return binary
+    extra = non_binary_values(truth)
+    if extra.size:
+        raise ValueError(f"ground truth must hold only 0 and 1, found {show_values(extra)} (is it a probability map?)")
+    return truth > 0.5
 
 
 def confusion_counts(pred: Any, truth: Any, threshold: float = THRESHOLD, axis: int | None = None):

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import DataError
+from .files import atomic_write
 
 __all__ = [
     "CATEGORIES",
@@ -150,9 +151,8 @@ def write_registry(root: str | os.PathLike, studies: list[Study]) -> Path:
         rel = lambda p: "/" + p.relative_to(root).as_posix() if p is not None else ""  # noqa: E731
         writer.writerow([s.study_id, s.category, rel(s.image), rel(s.mask)])
     target = root / REGISTRY_NAME
-    tmp = target.with_name(f".{target.name}.tmp")
-    tmp.write_text("\ufeff" + buffer.getvalue(), encoding="utf-8", newline="")
-    os.replace(tmp, target)
+    with atomic_write(target, "wb") as handle:
+        handle.write(("\ufeff" + buffer.getvalue()).encode("utf-8"))
     return target
 
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import gzip
 import os
-import tempfile
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +19,8 @@ from nibabel import orientations
 from nibabel.filebasedimages import ImageFileError
 
 from .errors import DataError
+from .files import atomic_path
+from .preprocessing import show_values
 
 __all__ = [
     "WORKING_ORIENTATION",
@@ -64,8 +65,19 @@ class Volume:
 
     @property
     def spacing(self) -> tuple[float, float, float]:
-        """Voxel size in mm along the three array axes."""
+        """Voxel size in mm along the three array axes (the column norms of :attr:`affine`)."""
         return tuple(float(s) for s in np.sqrt((self.affine[:3, :3] ** 2).sum(axis=0)))
+
+    @property
+    def voxel_volume_mm3(self) -> float:
+        """Volume of one voxel in mm³: ``|det|`` of the 3x3 part of :attr:`affine`.
+
+        :attr:`affine` is nibabel's best affine (``get_best_affine``: the sform if its code is
+        set, else the qform). :func:`load_volume` refuses a header whose sform and ``pixdim`` (the
+        qform's voxel size, which ITK always uses as its spacing) disagree, so ITK, nibabel and
+        this value measure the same voxel.
+        """
+        return float(abs(np.linalg.det(self.affine[:3, :3])))
 
     def to_file_orientation(self, array: np.ndarray) -> np.ndarray:
         """Return ``array`` (in the working orientation, same shape as :attr:`array`) reoriented
@@ -112,7 +124,9 @@ def load_volume(path: str | os.PathLike, dtype=None) -> Volume:
     if min(image.shape) < 1:
         raise DataError(path, f"empty volume: shape {image.shape}")
     if not np.isfinite(image.affine).all() or abs(np.linalg.det(image.affine[:3, :3])) < _MIN_VOXEL_VOLUME_MM3:
-        raise DataError(path, "voxel-to-world affine is degenerate (zero or non-finite voxel size); fix the header")
+        raise DataError(path, f"voxel-to-world affine is degenerate (voxel volume {show_values([abs(np.linalg.det(image.affine[:3, :3]))])} mm³, "
+                              "zero or non-finite); fix the header")
+    _check_unambiguous_voxel_size(image.header, path)
     try:
         raw = np.asanyarray(image.dataobj)
     except MemoryError:
@@ -137,9 +151,12 @@ def load_volume(path: str | os.PathLike, dtype=None) -> Volume:
 def save_volume(array: np.ndarray, like: Volume, path: str | os.PathLike, description: str | None = None) -> Path:
     """Write ``array`` (working orientation) on the grid of ``like``, atomically.
 
-    The file gets ``like``'s on-disk orientation, affine and header geometry, so it overlays the
-    original study in ITK-SNAP or 3D Slicer. It is written to a temporary file in the same folder
-    and renamed into place, so a failed write never leaves a partial file.
+    The file gets ``like``'s on-disk orientation, NIfTI version and header geometry exactly: the qform
+    (quaternion, offsets, ``pixdim`` with ``qfac``), the sform rows and both codes are copied
+    field by field, so every reader (nibabel, which prefers the sform; ITK, ITK-SNAP and 3D
+    Slicer, which prefer the qform unless the sform code is 1, scanner anatomical) places the
+    mask exactly where it places ``like``. The file is written through
+    :func:`covidseg.files.atomic_path`, so a failed write never leaves a partial file.
 
     Args:
         array: Voxels with the same shape as ``like.array``.
@@ -152,22 +169,31 @@ def save_volume(array: np.ndarray, like: Volume, path: str | os.PathLike, descri
     """
     if array.shape != like.array.shape:
         raise ValueError(f"array shape {array.shape} differs from the reference {like.array.shape}")
-    header = like.header.copy()
+    kind = nib.Nifti2Image if isinstance(like.header, nib.Nifti2Header) else nib.Nifti1Image  # float64 geometry stays float64
+    image = kind(like.to_file_orientation(array), None, like.header)
+    header = image.header
+    for field in _GEOMETRY_FIELDS:
+        header[field] = like.header[field]
     header.set_data_dtype(array.dtype)
+    header["scl_slope"], header["scl_inter"] = 1.0, 0.0
     if description is not None:
         header["descrip"] = description.encode()[:79]
-    image = nib.Nifti1Image(like.to_file_orientation(array), like.file_affine, header)
-    image.set_qform(like.file_affine, code=int(like.header["qform_code"]) or 1)
-    image.set_sform(like.file_affine, code=int(like.header["sform_code"]) or 1)
-    image.header["scl_slope"], image.header["scl_inter"] = 1.0, 0.0
     return write_image_atomically(image, path)
+
+
+_GEOMETRY_FIELDS = ("pixdim", "qform_code", "sform_code", "quatern_b", "quatern_c", "quatern_d",
+                    "qoffset_x", "qoffset_y", "qoffset_z", "srow_x", "srow_y", "srow_z", "xyzt_units")
+"""The NIfTI header fields that hold a volume's geometry (NIfTI-1 standard, nifti1.h)."""
 
 
 def write_image_atomically(image: nib.Nifti1Image, path: str | os.PathLike) -> Path:
     """Save a nibabel image to ``path`` through a temporary file and a rename.
 
     Either the new file is complete at ``path`` or, if anything fails, the file that was there
-    before is untouched and no temporary file is left behind.
+    before is untouched and no temporary file is left behind (:func:`covidseg.files.atomic_path`:
+    a new file gets the umask's mode, a replaced file keeps its mode). The header is written as
+    the image holds it: nibabel does not touch the qform or sform of an image made with
+    ``affine=None``.
 
     Args:
         image: The image to write.
@@ -182,23 +208,39 @@ def write_image_atomically(image: nib.Nifti1Image, path: str | os.PathLike) -> P
     """
     path = Path(path)
     check_output_path(path)
+    started = False
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=_nifti_suffix(path))
-        os.close(fd)
+        with atomic_path(path, suffix=_nifti_suffix(path)) as tmp:
+            started = True
+            nib.save(image, tmp)
     except OSError as exc:
-        raise DataError(path, f"cannot write here ({exc.strerror or exc})") from None
-    try:
-        nib.save(image, tmp)
-        os.replace(tmp, path)
-    except OSError as exc:
+        if not started:  # the temporary file could not even be created
+            raise DataError(path, f"cannot write here ({exc.strerror or exc})") from None
         raise DataError(path, f"could not be written ({exc.strerror or exc}); nothing was changed") from None
     except Exception as exc:  # nibabel's own errors, e.g. for a header it cannot encode
-        raise DataError(path, f"could not be written ({_reason(exc, Path(tmp))}); nothing was changed") from None
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        raise DataError(path, f"could not be written ({_reason(exc)}); nothing was changed") from None
     return path
+
+
+def _check_unambiguous_voxel_size(header, path: Path) -> None:
+    """Refuse a header whose sform gives another voxel size than ``pixdim``.
+
+    nibabel measures voxels with the sform when its code is set; ITK (SimpleITK, ITK-SNAP, 3D
+    Slicer) always takes its spacing from ``pixdim`` and ignores an sform whose scales differ
+    ("unexpected scales in sform"). Volumes in mL would then depend on the reader.
+    """
+    if int(header["sform_code"]) == 0:
+        return
+    sform_sizes = np.sqrt((header.get_sform()[:3, :3] ** 2).sum(axis=0))
+    pixdim = np.abs(np.asarray(header["pixdim"][1:4], dtype=np.float64))
+    if not np.allclose(sform_sizes, pixdim, rtol=_VOXEL_SIZE_RTOL, atol=0):
+        shown = lambda v: " x ".join(f"{x:.6g}" for x in v)  # noqa: E731
+        raise DataError(path, f"header is ambiguous: the sform's voxel size {shown(sform_sizes)} mm differs from "
+                              f"pixdim {shown(pixdim)} mm (ITK would use pixdim, nibabel the sform); fix the header")
+
+
+_VOXEL_SIZE_RTOL = 1e-4
+"""Relative difference between sform and ``pixdim`` voxel sizes accepted as float32 rounding."""
 
 
 def check_output_path(path: str | os.PathLike) -> Path:
@@ -239,7 +281,8 @@ def check_same_grid(study: Volume, mask: Volume) -> None:
         raise DataError(mask.path, f"mask shape {mask.array.shape} differs from its study's {study.array.shape}")
     gap = float(np.abs(study.affine - mask.affine).max())
     if gap > AFFINE_TOLERANCE_MM:
-        raise DataError(mask.path, f"mask affine differs from its study's by up to {gap:.3g} mm")
+        raise DataError(mask.path, f"mask affine differs from its study's by up to {show_values([gap])} mm "
+                                   f"(at most {AFFINE_TOLERANCE_MM:g} mm allowed)")
 
 
 def _open_problem(exc: BaseException, path: Path) -> str:

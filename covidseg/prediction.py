@@ -207,7 +207,13 @@ def predict_study(model: torch.nn.Module, hu_volume: np.ndarray, image_size: int
 
 
 def lesion_volume_ml(mask: np.ndarray, spacing_mm) -> float:
-    """Volume of a binary mask in millilitres (1 mL = 1000 mm³)."""
+    """Volume of a binary mask in millilitres (1 mL = 1000 mm³).
+
+    Args:
+        mask: The mask; every non-zero voxel counts.
+        spacing_mm: The voxel size in mm along the three axes, or the voxel volume in mm³
+            (:attr:`covidseg.nifti.Volume.voxel_volume_mm3`, which is right for sheared grids too).
+    """
     return float(np.count_nonzero(mask)) * float(np.prod(spacing_mm)) / 1000.0
 
 
@@ -234,4 +240,4 @@ def predict_file(run_dir: str | os.PathLike, in_path: str | os.PathLike, out_pat
     check_hu_range(volume.array, volume.path)
     mask = predict_study(model, volume.array, config.image_size, batch_size, lungs_box)
     save_volume(mask.astype(np.int16), volume, out_path, description=PREDICTION_DESCRIPTION)
-    return lesion_volume_ml(mask, volume.spacing)
+    return lesion_volume_ml(mask, volume.voxel_volume_mm3)

@@ -81,6 +81,21 @@ TINY_TRAIN_FLAGS = ("--model", "unet", "--preset", "quick", "--image-size", "16"
 """``covidseg train`` flags for the settings of :func:`tiny_config`."""
 
 
+def write_lesion_everywhere_run(run: Path) -> Path:
+    """A run folder holding ``best.pt`` of a width-4 U-Net (32 px) whose head says lesion everywhere."""
+    from covidseg.checkpoint import save_checkpoint
+    from covidseg.models import build_model
+
+    config = get_preset("quick").replace(model="unet", unet_width=4, image_size=32)
+    torch.manual_seed(0)
+    model = build_model("unet", width=4)
+    with torch.no_grad():
+        model.head.weight.zero_()
+        model.head.bias.fill_(20.0)
+    save_checkpoint({"model_name": "unet", "config": config.to_dict(), "model": model.state_dict(), "epoch": 0, "history": []}, run / "best.pt")
+    return run
+
+
 def tiny_config(**changes) -> TrainConfig:
     """The quick preset shrunk to 16 px images and a width-4 U-Net: an epoch takes about a second."""
     values = dict(image_size=16, unet_width=4, batch_size=16, slices_per_epoch=64)

@@ -31,6 +31,8 @@ from covidseg.evaluation import evaluate_run
 from covidseg.errors import CheckpointError, DataError
 from covidseg.models import build_model
 from covidseg.mosmed import REGISTRY_NAME, mask_path, study_path
+from covidseg.nifti import load_volume
+from covidseg.preprocessing import check_binary_mask
 from covidseg.prediction import predict_file
 from covidseg.training import fit
 
@@ -152,7 +154,40 @@ def scaled_0_1(path: Path) -> None:
     write_nifti(path, np.random.default_rng(0).random(SHAPE).astype(np.float32))
 
 
+def hu_plus_1024(path: Path) -> None:
+    """Stored unsigned, as HU + 1024, without the rescale intercept."""
+    write_nifti(path, (synthetic_ct(SHAPE)[0].astype(np.int32) + 1024).astype(np.uint16))
+
+
+def hu_minus_1024(path: Path) -> None:
+    """Shifted down by 1024: air at -2048, soft tissue near -1000."""
+    write_nifti(path, synthetic_ct(SHAPE)[0] - 1024)
+
+
+def hu_minus_1024_padded(path: Path) -> None:
+    """Shifted down by 1024, with -3024 padding outside the reconstruction circle on top."""
+    hu = synthetic_ct(SHAPE)[0] - 1024
+    hu[~reconstruction_circle(SHAPE)] = -3024
+    write_nifti(path, hu)
+
+
+def hu_doubled(path: Path) -> None:
+    write_nifti(path, synthetic_ct(SHAPE)[0] * 2)
+
+
+def reconstruction_circle(shape) -> np.ndarray:
+    """Voxels inside the largest circle of each axial slice, the scanner's field of view."""
+    x, y = np.ogrid[: shape[0], : shape[1]]
+    radius = min(shape[:2]) / 2
+    inside = (x - (shape[0] - 1) / 2) ** 2 + (y - (shape[1] - 1) / 2) ** 2 <= radius**2
+    return np.broadcast_to(inside[:, :, None], shape)
+
+
 STUDY_DAMAGE = {
+    "hu-plus-1024": (hu_plus_1024, "not Hounsfield units: no air"),
+    "hu-minus-1024": (hu_minus_1024, "not Hounsfield units: its air peaks at -20"),
+    "hu-minus-1024-padded": (hu_minus_1024_padded, "not Hounsfield units: its air peaks at -20"),
+    "hu-doubled": (hu_doubled, "not Hounsfield units: its air peaks at -"),
     "truncated": (truncate, "truncated"),
     "not-nifti": (not_nifti, "not a readable NIfTI file"),
     "2d": (two_d, "expected a 3D volume, found 2D"),
@@ -186,7 +221,21 @@ def mask_255(path: Path) -> None:
     write_nifti(path, mask)
 
 
+def mask_just_above_1(path: Path) -> None:
+    mask = np.zeros(SHAPE, dtype=np.float32)
+    mask[2:5, 2:5, 0] = 1.000002  # beyond float rounding: not a mask value of 1
+    write_nifti(path, mask)
+
+
+def mask_probabilities(path: Path) -> None:
+    mask = np.zeros(SHAPE, dtype=np.float32)
+    mask[2:5, 2:5, 0] = 0.7
+    write_nifti(path, mask)
+
+
 MASK_DAMAGE = {
+    "just-above-1": (mask_just_above_1, "mask values must be 0 or 1, found 1.000002"),
+    "probabilities": (mask_probabilities, "mask values must be 0 or 1, found 0.7"),
     "truncated": (truncate, "truncated"),
     "other-shape": (mask_other_shape, f"mask shape {SHAPE[:2] + (SHAPE[2] + 1,)} differs from its study's {SHAPE}"),
     "moved": (mask_moved, "mask affine differs from its study's by up to 4 mm"),
@@ -203,6 +252,7 @@ def test_train_refuses_a_damaged_study(case, data, tmp_path, capsys):
     damage, problem = STUDY_DAMAGE[case]
     bad = study_path(data, TRAIN_ID, "CT-1")
     damage(bad)
+    before = snapshot(data)
     out = tmp_path / "run"
     with pytest.raises(DataError) as raised:
         fit(CONFIG, out, data_dir=data, progress=False)
@@ -210,6 +260,7 @@ def test_train_refuses_a_damaged_study(case, data, tmp_path, capsys):
     line = cli_error(capsys, ["train", "--data", data, "--out", out, *TRAIN_FLAGS])
     assert_names(line, bad, problem)
     assert not out.exists(), "a run that could not start must leave no run folder"
+    assert snapshot(data) == before
 
 
 @pytest.mark.parametrize("case", sorted(MASK_DAMAGE))
@@ -217,11 +268,13 @@ def test_train_refuses_a_damaged_mask(case, data, tmp_path, capsys):
     damage, problem = MASK_DAMAGE[case]
     bad = mask_path(data, TRAIN_ID)
     damage(bad)
+    before = snapshot(data)
     with pytest.raises(DataError):
         fit(CONFIG, tmp_path / "run", data_dir=data, progress=False)
     line = cli_error(capsys, ["train", "--data", data, "--out", tmp_path / "run", *TRAIN_FLAGS])
     assert_names(line, bad, problem)
     assert not (tmp_path / "run").exists()
+    assert snapshot(data) == before
 
 
 def _without_registry(root: Path) -> None:
@@ -387,20 +440,24 @@ class _PartialWriter:
         self._handle.close()
 
 
-def disk_full_for(monkeypatch, name_part: str) -> None:
-    """Make binary writes to temporary files whose name contains ``name_part`` hit a full disk."""
-    real_fdopen = os.fdopen
+def disk_full_for(monkeypatch, name_part: str, partial: bool = True) -> None:
+    """Make writes to temporary files whose name contains ``name_part`` hit a full disk: after
+    part of the data (``partial``) or at once. Patches the ``open`` that every atomic write of
+    the package goes through (:func:`covidseg.files.atomic_write`)."""
+    from covidseg import files
 
-    def fdopen(fd, mode="r", *args, **kwargs):
-        handle = real_fdopen(fd, mode, *args, **kwargs)
-        if "w" in mode and "b" in mode and name_part in os.readlink(f"/proc/self/fd/{fd}"):
-            return _PartialWriter(handle)
+    def full_open(file, mode="r", *args, **kwargs):
+        handle = open(file, mode, *args, **kwargs)
+        if "w" in mode and name_part in Path(file).name:
+            if partial and "b" in mode:
+                return _PartialWriter(handle)
+            handle.close()
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         return handle
 
-    monkeypatch.setattr(os, "fdopen", fdopen)
+    monkeypatch.setattr(files, "open", full_open, raising=False)
 
 
-@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="needs /proc to tell files apart")
 def test_full_disk_while_saving_keeps_the_previous_checkpoint(data, run, capsys, monkeypatch):
     before = snapshot(run)
     disk_full_for(monkeypatch, ".last.pt.")
@@ -535,18 +592,7 @@ def test_evaluate_json_on_a_full_disk_keeps_the_previous_file(data, run, tmp_pat
     scores = tmp_path / "scores.json"
     scores.write_text('{"mean_dice": 0.5}\n')
     before = snapshot(tmp_path)
-    real_fdopen = os.fdopen
-
-    def fdopen(fd, mode="r", *args, **kwargs):
-        handle = real_fdopen(fd, mode, *args, **kwargs)
-        if "w" in mode and ".scores.json." in os.readlink(f"/proc/self/fd/{fd}"):
-            handle.close()
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-        return handle
-
-    if not Path("/proc/self/fd").is_dir():
-        pytest.skip("needs /proc to tell files apart")
-    monkeypatch.setattr(os, "fdopen", fdopen)
+    disk_full_for(monkeypatch, ".scores.json.", partial=False)
     line = cli_error(capsys, ["evaluate", "--run", run, "--data", data, "--json", scores, "--quiet", "--device", "cpu"])
     monkeypatch.undo()
     assert_names(line, scores, "could not be written (No space left on device)")
@@ -573,10 +619,46 @@ def test_predict_refuses_a_damaged_input(case, ct, run, previous_output, capsys)
     damage(ct)
     with pytest.raises(DataError):
         predict_file(run, ct, previous_output, device="cpu")
-    before = snapshot(previous_output.parent, run)
+    before = snapshot(previous_output.parent, run, ct.parent)
     line = cli_error(capsys, ["predict", "--run", run, ct, previous_output, "--device", "cpu"])
     assert_names(line, ct, problem)
-    assert snapshot(previous_output.parent, run) == before
+    assert snapshot(previous_output.parent, run, ct.parent) == before
+
+
+@pytest.mark.parametrize("padding", [-3024, -2048, -2000, -32768])
+def test_padding_outside_the_field_of_view_is_accepted_and_changes_no_mask(padding, run, tmp_path, capsys):
+    """Scanners pad outside the reconstruction circle; clipping makes the padding air (-1000)."""
+    hu = synthetic_ct((32, 32, 3))[0]
+    outside = ~reconstruction_circle(hu.shape)
+    plain, padded = hu.copy(), hu.copy()
+    plain[outside], padded[outside] = -1000, padding
+    studies = {name: write_nifti(tmp_path / "in" / f"{name}.nii.gz", array) for name, array in (("plain", plain), ("padded", padded))}
+    before = snapshot(tmp_path / "in", run)
+    printed = {}
+    for name, study in studies.items():
+        assert main(["predict", "--run", str(run), str(study), str(tmp_path / "out" / f"{name}.nii.gz"), "--device", "cpu"]) == 0
+        printed[name] = capsys.readouterr().out.replace(str(study), "STUDY").replace(str(tmp_path / "out" / f"{name}.nii.gz"), "MASK")
+    assert snapshot(tmp_path / "in", run) == before
+    masks = {name: np.asarray(nib.load(tmp_path / "out" / f"{name}.nii.gz").dataobj) for name in studies}
+    assert np.array_equal(masks["padded"], masks["plain"])
+    assert printed["padded"] == printed["plain"]
+
+
+@pytest.mark.parametrize("case", ["uint8-255-slope-1/255", "float32-1.0000001"])
+def test_a_mask_equal_to_1_within_float_precision_is_accepted(case, data):
+    """Such a mask is binary: its values are 1 to float32 rounding, and they are read as 1."""
+    path = mask_path(data, TRAIN_ID)
+    original = np.asarray(nib.load(path).dataobj).astype(np.uint8)
+    assert original.any()
+    if case.startswith("uint8"):
+        image = nib.Nifti1Image(original * np.uint8(255), LAS_AFFINE)
+        image.header.set_slope_inter(np.float32(1 / 255), 0.0)
+    else:
+        image = nib.Nifti1Image(original.astype(np.float32) * np.float32(1.0000001), LAS_AFFINE)
+    nib.save(image, path)
+    volume = load_volume(path)
+    assert volume.array.max() != 1, "the file does hold a value that is not exactly 1"
+    assert np.array_equal(check_binary_mask(volume.array, path), original)  # stored LAS: no reorientation
 
 
 def test_predict_refuses_a_missing_input(run, tmp_path, previous_output, capsys):
@@ -613,10 +695,14 @@ def test_predict_refuses_a_bad_output_path(make_output, problem, ct, run, tmp_pa
 def test_predict_into_a_read_only_folder(ct, run, previous_output, capsys, monkeypatch):
     before = snapshot(previous_output.parent)
 
-    def denied(*args, **kwargs):
-        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES))
+    real_open = os.open
 
-    monkeypatch.setattr(tempfile, "mkstemp", denied)
+    def denied(path, *args, **kwargs):  # the folder refuses new files (chmod does not stop root)
+        if Path(path).parent == previous_output.parent:
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES))
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", denied)
     line = cli_error(capsys, ["predict", "--run", run, ct, previous_output, "--device", "cpu"])
     monkeypatch.undo()
     assert_names(line, previous_output, "cannot write here (Permission denied)")

@@ -9,9 +9,11 @@ connection to another host fails the test.
 from __future__ import annotations
 
 import hashlib
+import os
 import re
 import shutil
 import socket
+import stat
 import subprocess
 import threading
 import time
@@ -86,12 +88,61 @@ class FaultyMirror(BaseHTTPRequestHandler):
             self.connection.shutdown(socket.SHUT_RDWR)
             self.close_connection = True
             return
+        if fault == "slow-headers":  # the status line and headers a byte every 0.1 s, for at most 4 s
+            return self._slow_headers(status, body, extra)
+        if fault in SLOW_FAULTS or fault in ("huge-length", "endless", "wrong-length", "chunks"):
+            return self._misbehave(fault, status, body, extra)
         if fault == "oversize":  # no Content-Length: the body runs until the connection closes
             self._headers(status, "application/octet-stream", extra)
             self.wfile.write(body + b"\0" * 64)
             self.close_connection = True
             return
         self._reply(status, body, "application/octet-stream", extra)
+
+    def _misbehave(self, fault, status, body, extra):
+        """Bodies that are too large or too slow; every loop is bounded in bytes and time."""
+        length = {"huge-length": str(10 << 30), "wrong-length": str(len(body) + 1), "endless": None}.get(fault, str(len(body)))
+        self._headers(status, "application/octet-stream", {**extra, **({"Content-Length": length} if length else {})})
+        try:
+            if fault in ("huge-length", "endless"):  # zeros until the client hangs up (at most 8 MiB)
+                for _ in range(128):
+                    self.wfile.write(b"\0" * 65536)
+            elif fault == "wrong-length":
+                self.wfile.write(body + b"\0")
+            elif fault == "trickle":  # one byte every 0.2 s, for at most 4 s
+                for byte in body[:20]:
+                    self.wfile.write(bytes([byte]))
+                    self.wfile.flush()
+                    time.sleep(0.2)
+            elif fault == "silent":  # headers, then nothing for 3 s
+                time.sleep(3)
+            elif fault == "one-byte":  # one byte per connection
+                self.wfile.write(body[:1])
+            elif fault == "chunks":  # the whole body, in three pieces a moment apart
+                third = len(body) // 3
+                for piece in (body[:third], body[third : 2 * third], body[2 * third :]):
+                    self.wfile.write(piece)
+                    self.wfile.flush()
+                    time.sleep(0.1)
+                return
+            self.wfile.flush()
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+        self.close_connection = True
+
+    def _slow_headers(self, status, body, extra):
+        head = (f"HTTP/1.1 {status} OK\r\nContent-Type: application/octet-stream\r\n"
+                + "".join(f"{k}: {v}\r\n" for k, v in extra.items())
+                + f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n").encode()
+        try:
+            for k in range(40):
+                self.wfile.write(head[k : k + 1])
+                self.wfile.flush()
+                time.sleep(0.1)
+            self.wfile.write(head[40:] + body)
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+        self.close_connection = True
 
     def _headers(self, status, content_type, extra):
         self.send_response(status)
@@ -180,6 +231,7 @@ def assert_intact(mirror: Mirror, out: Path) -> None:
 
 
 IMAGE, MASK = dl.mirror_paths(IDS[0])
+SLOW_FAULTS = ("trickle", "silent", "one-byte")
 
 
 # --- hashing and the manifest ------------------------------------------------------------------
@@ -464,3 +516,202 @@ def test_unknown_study_is_refused_before_any_request(mirror, tmp_path):
 def test_progress_bars_are_drawn(mirror, tmp_path, capsys):
     mirror.download(tmp_path / "data", ids=IDS[:1], progress=True)
     assert "MosMedData CT-1" in capsys.readouterr().err
+
+
+# --- bounds: size, time, and the download folder -----------------------------------------------
+
+
+def test_packaged_manifest_gives_the_masks_sizes():
+    sizes = dl.read_manifest_sizes()
+    masks = {f"masks/study_{i:04d}_mask.nii.gz" for i in range(255, 305)}
+    assert set(sizes) == masks, "the masks have sizes, the CT volumes (never measured) none"
+    assert all(10_000 < size < 100_000 for size in sizes.values())  # masks are mostly zeros: tens of kB
+    if SHARED_MASKS.is_dir():
+        for path in masks:
+            assert (SHARED_MASKS / Path(path).name).stat().st_size == sizes[path], path
+
+
+def test_read_manifest_sizes_and_a_bad_size(tmp_path):
+    good = tmp_path / "good.tsv"
+    good.write_text("path\tgit_blob_sha1\tsize\nmasks/a.nii.gz\t" + "0" * 40 + "\t123\nmasks/b.nii.gz\t" + "1" * 40 + "\t\n")
+    assert dl.read_manifest(good) == {"masks/a.nii.gz": "0" * 40, "masks/b.nii.gz": "1" * 40}
+    assert dl.read_manifest_sizes(good) == {"masks/a.nii.gz": 123}
+    bad = tmp_path / "bad.tsv"
+    bad.write_text("path\tgit_blob_sha1\tsize\nmasks/a.nii.gz\t" + "0" * 40 + "\t12 kB\n")
+    with pytest.raises(DownloadError, match=r"bad\.tsv: line 2: expected <path><TAB><40 hex digits><TAB><size or nothing>"):
+        dl.read_manifest_sizes(bad)
+
+
+def _sizes(mirror):
+    return {path: len(data) for path, data in mirror.data.items()}
+
+
+@pytest.mark.parametrize("offset", [0, 100], ids=["new", "resumed"])
+def test_a_10_gib_content_length_is_refused_before_a_byte_is_written(offset, mirror, tmp_path):
+    out = tmp_path / "data"
+    part = out / (IMAGE + dl.PART_SUFFIX)
+    part.parent.mkdir(parents=True)
+    if offset:
+        part.write_bytes(mirror.data[IMAGE][:offset])  # an earlier run's bytes: kept
+    mirror.fault(IMAGE, "huge-length")
+    with pytest.raises(DownloadError) as raised:
+        mirror.download(out, ids=IDS[:1], max_bytes=1 << 20)
+    assert str(raised.value) == (f"{mirror.url}/{IMAGE}: larger than expected: the server announces "
+                                 f"{offset + (10 << 30)} bytes, more than the {1 << 20}-byte limit")
+    assert part.read_bytes() == mirror.data[IMAGE][:offset] if offset else not part.exists()
+    assert not (out / IMAGE).exists()
+    assert len(mirror.requests(IMAGE)) == 1, "not retried"
+
+
+@pytest.mark.parametrize("known_size", [False, True], ids=["cap", "manifest-size"])
+def test_an_endless_body_is_refused_as_soon_as_it_passes_the_expected_size(known_size, mirror, tmp_path, monkeypatch):
+    out = tmp_path / "data"
+    mirror.fault(IMAGE, "endless")
+    written = []  # bytes in the part after each write
+    real = dl.open_no_follow
+
+    class Counting:
+        def __init__(self, handle):
+            self.handle = handle
+
+        def write(self, data):
+            written.append((written[-1] if written else 0) + len(data))
+            return self.handle.write(data)
+
+        def __getattr__(self, name):
+            return getattr(self.handle, name)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return self.handle.__exit__(*exc)
+
+    monkeypatch.setattr(dl, "open_no_follow", lambda path, mode="ab": Counting(real(path, mode)) if path.name.endswith(dl.PART_SUFFIX) else real(path, mode))
+    size = len(mirror.data[IMAGE])
+    options = dict(sizes=_sizes(mirror)) if known_size else dict(max_bytes=size)
+    with pytest.raises(DownloadError) as raised:
+        mirror.download(out, ids=IDS[:1], **options)
+    expected = f"more than the {size} bytes expected" if known_size else f"more than the {size}-byte limit"
+    assert str(raised.value).startswith(f"{mirror.url}/{IMAGE}: larger than expected: ") and expected in str(raised.value)
+    assert max(written, default=0) <= size, "nothing past the expected size reaches the disk"
+    assert not (out / IMAGE).exists() and not (out / (IMAGE + dl.PART_SUFFIX)).exists()
+
+
+def test_a_content_length_other_than_the_manifest_size_is_refused(mirror, tmp_path):
+    mirror.fault(IMAGE, "wrong-length")
+    size = len(mirror.data[IMAGE])
+    with pytest.raises(DownloadError, match=rf"study_0255\.nii\.gz: larger than expected: the server announces "
+                                            rf"{size + 1} bytes, more than the {size} bytes the manifest gives"):
+        mirror.download(tmp_path / "data", ids=IDS[:1], sizes=_sizes(mirror))
+
+
+@pytest.mark.parametrize(
+    "fault, options, problem",
+    [
+        ("trickle", dict(min_speed=1000, stall_seconds=0.5), r"too slow: \d+ bytes in [\d.]+ s, less than the 1000 bytes/s required"),
+        ("silent", dict(timeout=0.5), r"timed out"),
+        ("one-byte", dict(), r"connection closed after \d of \d+ bytes"),
+        ("slow-headers", dict(timeout=0.5), r"no complete response headers within 0\.5 s"),
+    ],
+)
+def test_slow_or_stingy_servers_are_given_up_on(fault, options, problem, mirror, tmp_path):
+    mirror.fault(IMAGE, fault)
+    out = tmp_path / "data"
+    with pytest.raises(DownloadError, match=rf"^{re.escape(mirror.url)}/{IMAGE}: failed after 3 attempts: {problem}$"):
+        mirror.download(out, ids=IDS[:1], retries=2, **options)
+    assert len(mirror.requests(IMAGE)) == 3
+    assert not (out / IMAGE).exists()
+
+
+def test_the_bar_shows_bytes_as_they_arrive(mirror, tmp_path, monkeypatch):
+    updates = []
+
+    class Recording(dl.tqdm):
+        def update(self, n=1):
+            if self.unit == "B":
+                updates.append(n)
+            return super().update(n)
+
+    monkeypatch.setattr(dl, "tqdm", Recording)
+    mirror.fault(IMAGE, "chunks")
+    mirror.download(tmp_path / "data", ids=IDS[:1], progress=True)
+    size = len(mirror.data[IMAGE])
+    assert sum(updates[:-1]) + updates[-1] >= size and len(updates) >= 3, updates
+    assert updates[0] < size, "the first piece is shown before the rest arrives"
+
+
+def _outside_file(tmp_path) -> Path:
+    outside = tmp_path / "elsewhere" / "precious.bin"
+    outside.parent.mkdir()
+    outside.write_bytes(b"not yours")
+    return outside
+
+
+@pytest.mark.parametrize("which", ["part", "target", "lock"])
+def test_download_files_are_never_opened_through_a_symbolic_link(which, mirror, tmp_path):
+    out = tmp_path / "data"
+    outside = _outside_file(tmp_path)
+    link = {"part": out / (IMAGE + dl.PART_SUFFIX), "target": out / IMAGE, "lock": out / dl.LOCK_NAME}[which]
+    link.parent.mkdir(parents=True)
+    link.symlink_to(outside)
+    with pytest.raises(DownloadError) as raised:
+        mirror.download(out, ids=IDS[:1])
+    assert str(raised.value).startswith(f"{link}: ")
+    assert "symbolic link; refusing to follow it" in str(raised.value)
+    assert outside.read_bytes() == b"not yours"
+    assert link.is_symlink() and sorted(outside.parent.iterdir()) == [outside]
+
+
+def test_a_dangling_part_link_creates_nothing_elsewhere(mirror, tmp_path):
+    out = tmp_path / "data"
+    target = tmp_path / "elsewhere" / "new.bin"
+    target.parent.mkdir()
+    part = out / (IMAGE + dl.PART_SUFFIX)
+    part.parent.mkdir(parents=True)
+    part.symlink_to(target)
+    with pytest.raises(DownloadError, match="symbolic link; refusing to follow it"):
+        mirror.download(out, ids=IDS[:1])
+    assert not target.exists()
+
+
+def test_a_linked_subfolder_leading_outside_is_refused(mirror, tmp_path):
+    out = tmp_path / "data"
+    out.mkdir()
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    (out / "masks").symlink_to(outside, target_is_directory=True)
+    with pytest.raises(DownloadError, match=r"study_0255_mask\.nii\.gz: lies outside the download folder"):
+        mirror.download(out, ids=IDS[:1])
+    assert list(outside.iterdir()) == []
+
+
+@pytest.mark.parametrize("umask, expected", [(0o022, 0o644), (0o077, 0o600)])
+def test_downloaded_files_honour_the_umask(umask, expected, mirror, tmp_path):
+    previous = os.umask(umask)
+    try:
+        out = tmp_path / "data"
+        part = out / (IMAGE + dl.PART_SUFFIX)
+        mirror.download(out, ids=IDS[:1])
+    finally:
+        os.umask(previous)
+    written = [out / IMAGE, out / MASK, out / REGISTRY_NAME]
+    assert {p.name: oct(stat.S_IMODE(p.stat().st_mode)) for p in written} == {p.name: oct(expected) for p in written}
+    assert not part.exists()
+
+
+@pytest.mark.parametrize("which", ["part", "lock"])
+def test_covidseg_download_refuses_a_link_in_one_line(which, tmp_path, capsys):
+    from covidseg.cli import EXIT_ERROR, main
+
+    out = tmp_path / "data"
+    outside = _outside_file(tmp_path)
+    link = out / (IMAGE + dl.PART_SUFFIX) if which == "part" else out / dl.LOCK_NAME
+    link.parent.mkdir(parents=True)
+    link.symlink_to(outside)
+    code = main(["download", str(out), "--mirror", "http://127.0.0.1:9/v1.0"])  # refused before any request
+    err = capsys.readouterr().err
+    assert code == EXIT_ERROR
+    assert err.splitlines() == [f"covidseg: error: {link}: is a symbolic link; refusing to follow it"
+                                + (" (remove it, or download into a folder without links)" if which == "part" else "")]
+    assert outside.read_bytes() == b"not yours" and link.is_symlink()

@@ -101,3 +101,33 @@ def test_real_mask_matches_nibabel(real_masks):
     np.testing.assert_array_equal(volume.array, np.asanyarray(image.dataobj))
     np.testing.assert_array_equal(volume.affine, image.affine)
     assert orientation_of(image.affine) == ("L", "A", "S")
+
+
+def test_a_gap_just_over_the_tolerance_is_shown_exactly(tmp_path):
+    """Rounded to 3 digits, 0.0125 mm would read as within the 0.01 mm tolerance's neighbourhood."""
+    study = load_volume(write_nifti(tmp_path / "s.nii.gz", np.zeros((4, 5, 3), dtype=np.int16)))
+    shifted = LAS_AFFINE.copy()
+    shifted[0, 3] += 0.0125  # exactly representable in float32 offsets near 190
+    moved = load_volume(write_nifti(tmp_path / "moved.nii.gz", np.zeros((4, 5, 3), dtype=np.int16), shifted))
+    gap = float(np.abs(moved.affine - study.affine).max())
+    with pytest.raises(DataError) as raised:
+        check_same_grid(study, moved)
+    assert str(raised.value) == f"{tmp_path / 'moved.nii.gz'}: mask affine differs from its study's by up to {gap!r} mm (at most 0.01 mm allowed)"
+
+
+def test_nifti2_study_gets_a_nifti2_mask_with_its_float64_geometry(tmp_path):
+    affine = LAS_AFFINE.copy()
+    affine[:3, 3] += (0.123456789012, -0.987654321098, 0.5)  # needs float64: NIfTI-1 would round it
+    image = nib.Nifti2Image(np.zeros((4, 5, 3), dtype=np.int16), affine)
+    image.set_qform(affine, code=1)
+    image.set_sform(affine, code=2)
+    nib.save(image, tmp_path / "ct.nii")
+    study = load_volume(tmp_path / "ct.nii")
+    save_volume(np.ones((4, 5, 3), dtype=np.int16), study, tmp_path / "mask.nii")
+    written = nib.load(tmp_path / "mask.nii")
+    assert isinstance(written, nib.Nifti2Image)
+    for field in ("pixdim", "qform_code", "sform_code", "quatern_b", "quatern_c", "quatern_d",
+                  "qoffset_x", "qoffset_y", "qoffset_z", "srow_x", "srow_y", "srow_z"):
+        np.testing.assert_array_equal(written.header[field], study.header[field], err_msg=field)
+    np.testing.assert_array_equal(written.affine, nib.load(tmp_path / "ct.nii").affine)
+    assert written.header.get_sform()[0, 3] == affine[0, 3]

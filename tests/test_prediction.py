@@ -10,12 +10,11 @@ import pytest
 import torch
 
 from covidseg import prediction
-from covidseg.checkpoint import save_checkpoint
 from covidseg.config import get_preset
 from covidseg.models import MODEL_NAMES, build_model
 from covidseg.prediction import THRESHOLD, lesion_volume_ml, predict_file, predict_probabilities
 
-from conftest import synthetic_ct, write_nifti
+from conftest import synthetic_ct, write_lesion_everywhere_run, write_nifti
 
 PROBABILITY_TOLERANCE = 1e-4  # channels-last reorders float sums; differences are rounding only
 
@@ -112,14 +111,7 @@ def test_predict_file_with_a_saved_run(tmp_path):
     """Through a real checkpoint: a U-Net whose head says 'lesion' everywhere."""
     hu, _ = synthetic_ct(shape=(32, 32, 4), seed=4)
     study = write_nifti(tmp_path / "ct.nii.gz", hu)
-    config = get_preset("quick").replace(model="unet", unet_width=4, image_size=32)
-    torch.manual_seed(0)
-    model = build_model("unet", width=4)
-    with torch.no_grad():
-        model.head.weight.zero_()
-        model.head.bias.fill_(20.0)
-    run = tmp_path / "run"
-    save_checkpoint({"model_name": "unet", "config": config.to_dict(), "model": model.state_dict(), "epoch": 0, "history": []}, run / "best.pt")
+    run = write_lesion_everywhere_run(tmp_path / "run")
 
     volume = predict_file(run, study, tmp_path / "mask.nii.gz", device="cpu")
 
