@@ -30,7 +30,7 @@ test-unit: install
 	$(BIN)/python -m pytest tests
 
 # Each chapter runs as Colab runs it: converted alone to .ipynb in an empty folder, quick preset.
-# Cells marked NBVAL_CHECK_OUTPUT are compared with the outputs recorded in book/expected_outputs.
+# Cells tagged nbval-check-output are compared with the outputs recorded in book/expected_outputs.
 test-notebooks: install
 	rm -rf $(NOTEBOOK_DIR) && mkdir -p $(NOTEBOOK_DIR)
 	$(BIN)/python tests/nbval_prepare.py $(NOTEBOOK_DIR) $(CHAPTERS)
@@ -38,7 +38,7 @@ test-notebooks: install
 		--nbval-lax --nbval-cell-timeout=$(CELL_TIMEOUT) -o addopts="" -o testpaths="" -v --durations=0 \
 		$(notdir $(CHAPTERS:.md=.ipynb))
 
-# Re-record the expected outputs of the NBVAL_CHECK_OUTPUT cells (after changing such a cell on purpose).
+# Re-record the expected outputs of the cells tagged nbval-check-output (after changing such a cell on purpose).
 record-outputs: install
 	rm -rf $(NOTEBOOK_DIR) && mkdir -p $(NOTEBOOK_DIR)
 	COVIDSEG_QUICK=1 MPLBACKEND=Agg $(BIN)/python tests/nbval_prepare.py --record $(NOTEBOOK_DIR) $(CHAPTERS)
