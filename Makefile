@@ -5,8 +5,8 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.covidseg-installed
-# The chapters of _toc.yml, in order (the root page first).
-CHAPTERS := $(shell sed -n 's/^root: *\(.*\)/\1.md/p; s/^ *- file: *\(.*\)/\1.md/p' _toc.yml)
+# The chapters of _toc.yml, in order (the root page first); the course page is text, not a notebook.
+CHAPTERS := $(filter-out book/course.md,$(shell sed -n 's/^root: *\(.*\)/\1.md/p; s/^ *- file: *\(.*\)/\1.md/p' _toc.yml))
 NOTEBOOK_DIR ?= $(or $(TMPDIR),/tmp)/covidseg-nbval
 CELL_TIMEOUT ?= 1800
 # The chapters' training runs, shared by make test and make book. A finished run is reused only

@@ -32,6 +32,8 @@ __all__ = [
     "learning_curve",
     "hu_histogram",
     "interval_plot",
+    "unet_shapes",
+    "architecture_diagram",
 ]
 
 CT_WINDOW = (-1.0, 1.0)
@@ -371,4 +373,113 @@ def interval_plot(
         fig.suptitle(title, fontsize=11)
     stamp(ax, source)
     fig.tight_layout()
+    return fig
+
+
+def unet_shapes(model, image_size: int = 512) -> dict:
+    """The feature maps a U-Net computes, measured by running it on an empty ``(1, C, S, S)`` slice
+    on PyTorch's ``meta`` device (shapes only: no memory for values, no arithmetic).
+
+    Works for :class:`covidseg.models.UNet` (``down``/``up`` blocks) and for smp's ``Unet``
+    (``encoder``/``decoder``), whose decoder drops the encoder's first, stride-1 feature map
+    (``features[1:]`` in ``UnetDecoder.forward``) and whose last block has no skip.
+
+    Args:
+        model: The network; it is not changed (a copy goes to the meta device).
+        image_size: Height and width of the slice, in pixels.
+
+    Returns:
+        ``{"input": (C, S, S), "encoder": [(C, H, W), ...] shallow to deep (the last is the
+        bottleneck), "decoder": [(C, H, W), ...] deep to shallow, "skips": [encoder index or None
+        for each decoder block], "unused": [encoder indices computed but never passed on]}``.
+    """
+    import copy
+
+    import torch
+
+    net = copy.deepcopy(model).to("meta").eval()
+    first = next(m for m in net.modules() if isinstance(m, torch.nn.Conv2d))
+    x = torch.zeros(1, first.in_channels, image_size, image_size, device="meta")
+    decoder_out: list = []
+    with torch.no_grad():
+        if hasattr(net, "encoder") and hasattr(net, "decoder"):  # smp
+            encoder = [tuple(f.shape[1:]) for f in net.encoder(x)]
+            hooks = [b.register_forward_hook(lambda m, a, out: decoder_out.append(tuple(out.shape[1:]))) for b in net.decoder.blocks]
+            net(x)
+            n = len(net.decoder.blocks)
+            skips = [len(encoder) - 2 - i if len(encoder) - 2 - i >= 1 else None for i in range(n)]
+            unused = [0] if encoder[0][0] != first.in_channels else []  # the stride-1 map, if computed
+        else:  # covidseg.models.UNet
+            encoder = []
+            hooks = [b.register_forward_hook(lambda m, a, out: encoder.append(tuple(out.shape[1:]))) for b in net.down]
+            hooks += [b.register_forward_hook(lambda m, a, out: decoder_out.append(tuple(out.shape[1:]))) for b in net.up]
+            net(x)
+            skips = [len(encoder) - 2 - i for i in range(len(net.up))]
+            unused = []
+    for hook in hooks:
+        hook.remove()
+    return {"input": tuple(x.shape[1:]), "encoder": encoder, "decoder": decoder_out, "skips": skips, "unused": unused}
+
+
+def architecture_diagram(model, title: str, image_size: int = 512, ax=None):
+    """A U-shaped diagram of a U-Net drawn from its real feature-map shapes (:func:`unet_shapes`).
+
+    The encoder descends on the left, the decoder climbs on the right; each box is one feature map,
+    labelled ``channels x height`` (maps are square), its width growing with the log of the channels.
+    Horizontal arrows are the skip connections; a computed encoder map that the decoder never uses
+    is drawn with a dashed, crossed-out arrow.
+
+    Args:
+        model: A :class:`covidseg.models.UNet` or an smp ``Unet``.
+        title: Axes title.
+        image_size: Slice size the shapes are computed for.
+        ax: Axes to draw on; a new figure if ``None``.
+
+    Returns:
+        The matplotlib ``Figure``.
+    """
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import FancyBboxPatch
+
+    shapes = unet_shapes(model, image_size)
+    if ax is None:
+        _, ax = plt.subplots(figsize=(7, 5.2))
+    fig = ax.figure
+
+    def level(shape):  # 0 at full resolution, 1 at stride 2, ...
+        return int(round(np.log2(image_size / shape[1])))
+
+    def box(x, shape, colour):
+        y = -level(shape)
+        width = 0.25 + 0.12 * np.log2(shape[0])
+        ax.add_patch(FancyBboxPatch((x - width / 2, y - 0.3), width, 0.6, boxstyle="round,pad=0.02",
+                                    facecolor=colour, edgecolor="black", linewidth=0.8))
+        ax.text(x, y, f"{shape[0]} × {shape[1]}", ha="center", va="center", fontsize=9)
+        return x, y, width
+
+    encoder = [box(0.0, s, (0.75, 0.85, 1.0)) for s in shapes["encoder"]]
+    decoder = [box(3.4, s, (1.0, 0.85, 0.7)) for s in shapes["decoder"]]
+    arrow = dict(arrowstyle="-|>", color="black", linewidth=0.9)
+    for (x0, y0, w0), (x1, y1, w1) in zip(encoder, encoder[1:]):
+        ax.annotate("", (x1, y1 + 0.3), (x0, y0 - 0.3), arrowprops=arrow)
+    (xb, yb, wb), (x1, y1, w1) = encoder[-1], decoder[0]
+    ax.annotate("", (x1, y1 - 0.3), (xb + wb / 2, yb), arrowprops=arrow)  # the bottleneck feeds the decoder
+    for (x0, y0, w0), (x1, y1, w1) in zip(decoder, decoder[1:]):
+        ax.annotate("", (x1, y1 - 0.3), (x0, y0 + 0.3), arrowprops=arrow)
+    for target, source in zip(decoder, shapes["skips"]):
+        if source is not None:
+            x0, y0, w0 = encoder[source]
+            ax.annotate("", (target[0] - target[2] / 2, target[1] + 0.12), (x0 + w0 / 2, y0 + 0.12),
+                        arrowprops=dict(arrowstyle="-|>", color="tab:green", linewidth=1.4))
+    for index in shapes["unused"]:
+        x0, y0, w0 = encoder[index]
+        ax.annotate("", (2.1, y0), (x0 + w0 / 2, y0), arrowprops=dict(arrowstyle="-", color="grey", linestyle="--"))
+        ax.text(2.15, y0, "✗ unused", ha="left", va="center", fontsize=9, color="dimgrey")
+    depth = max(level(s) for s in shapes["encoder"])
+    if shapes["encoder"][0] != shapes["input"]:  # smp's encoders list the input itself as their first map
+        ax.text(0.0, 0.75, f"input {shapes['input'][0]} × {image_size}", ha="center", fontsize=9)
+    ax.set_xlim(-1.3, 4.9)
+    ax.set_ylim(-depth - 0.8, 1.1)
+    ax.set_axis_off()
+    ax.set_title(title, fontsize=11)
     return fig

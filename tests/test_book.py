@@ -30,6 +30,9 @@ NO_CHECK_OUTPUT = re.compile(r"^% no nbval-check-output: \S.*$", re.MULTILINE)
 MUST_CHECK_OUTPUT = ("book/02_dataset", "book/03_preprocessing", "book/04_segmentation_and_dice")
 """Chapters that have deterministic cells (Table 3.1, preprocessing statistics, toy metrics)."""
 
+PAGES = ("book/course",)
+"""Pages of ``_toc.yml`` that are not notebook chapters (no code, no twin)."""
+
 WITHOUT_REAL_DATA = ("book/01_introduction", "book/04_segmentation_and_dice")
 """Chapters that run on whatever data is at hand; all others download the real data in Colab."""
 
@@ -43,7 +46,8 @@ def _load_yaml(name: str) -> dict:
 def _chapters() -> list[str]:
     """Chapter paths without suffix, as ``_toc.yml`` lists them (the root first)."""
     toc = _load_yaml("_toc.yml")
-    return [toc["root"]] + [entry["file"] for entry in toc.get("chapters", [])]
+    files = [toc["root"]] + [entry["file"] for entry in toc.get("chapters", [])]
+    return [f for f in files if f not in PAGES]
 
 
 CHAPTERS = _chapters()
@@ -85,6 +89,20 @@ def test_config_points_colab_at_the_main_branch_and_hides_the_twins(config):
 def test_toc_lists_unique_chapters_under_book():
     assert len(set(CHAPTERS)) == len(CHAPTERS)
     assert all(re.fullmatch(r"book/\d\d_\w+", chapter) for chapter in CHAPTERS)
+
+
+def test_toc_has_the_course_page_and_the_extensions_are_configured(config):
+    toc = _load_yaml("_toc.yml")
+    assert "book/course" in [entry["file"] for entry in toc.get("chapters", [])]
+    assert (REPO / "book" / "course.md").is_file()
+    assert "sphinx_exercise" in config["sphinx"]["extra_extensions"]
+    assert all((REPO / path).is_file() for path in config["bibtex_bibfiles"])
+
+
+def test_exercise_labels_are_unique_across_the_book():
+    labels = [label for chapter in CHAPTERS for label in
+              re.findall(r"^:label: (\S+)$", (REPO / f"{chapter}.md").read_text(encoding="utf-8"), re.MULTILINE)]
+    assert len(labels) == len(set(labels))
 
 
 # --------------------------------------------------------------------------- the twins
@@ -158,7 +176,12 @@ def test_chapter_follows_the_skeleton(chapter):
     assert all(p >= 0 for p in positions), f"{chapter}: missing {[m for m, p in zip(landmarks, positions) if p < 0]}"
     assert positions == sorted(positions), f"{chapter}: skeleton out of order"
     assert ":class: tip" in text[positions[0] : positions[0] + 80]
-    assert ":::{dropdown}" in text[positions[-1] :], f"{chapter}: exercises without a dropdown solution"
+    exercises = text[positions[-1] :]
+    labels = re.findall(r"^:::\{exercise\}\n:label: (\S+)$", exercises, re.MULTILINE)
+    solved = re.findall(r"^::::\{solution\} (\S+)\n:class: dropdown$", exercises, re.MULTILINE)
+    assert labels, f"{chapter}: no sphinx-exercise exercises"
+    assert solved == labels, f"{chapter}: every exercise needs a hideable (dropdown) solution, in order"
+    assert "{dropdown} Solution" not in exercises, f"{chapter}: solutions belong in {{solution}} directives"
 
     parameters = [cell for cell in _code(notebook) if "parameters" in cell.metadata.get("tags", [])]
     assert len(parameters) == 1 and "choose_setup()" in parameters[0].source

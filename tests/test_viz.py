@@ -300,3 +300,23 @@ def test_importing_the_package_changes_no_matplotlib_state_and_imports_no_widget
     done = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "clean"
+
+
+# --------------------------------------------------------------------------- architecture diagrams
+
+
+def test_unet_shapes_show_smp_dropping_vgg19s_full_resolution_map():
+    from covidseg.models import build_model
+
+    vgg = viz.unet_shapes(build_model("unet-vgg19", encoder_weights=None), image_size=64)
+    assert vgg["encoder"][0] == (64, 64, 64)  # computed at stride 1 ...
+    assert vgg["unused"] == [0] and 0 not in vgg["skips"]  # ... and never passed to the decoder
+    assert vgg["skips"] == [4, 3, 2, 1, None]  # strides 16, 8, 4, 2; the last block has no skip
+    assert vgg["decoder"][-1][1:] == (64, 64)
+    resnet = viz.unet_shapes(build_model("unet-resnet34", encoder_weights=None), image_size=64)
+    assert resnet["encoder"][0] == (1, 64, 64) and resnet["unused"] == []  # only the input: nothing lost
+    unet = viz.unet_shapes(build_model("unet", width=8), image_size=64)
+    assert unet["skips"] == [3, 2, 1, 0]  # chapter 5's U-Net uses its full-resolution map
+    fig = viz.architecture_diagram(build_model("unet-vgg19", encoder_weights=None), "vgg19", image_size=64)
+    texts = [t.get_text() for t in fig.get_axes()[0].texts]
+    assert "64 × 64" in texts and any("unused" in t for t in texts)
