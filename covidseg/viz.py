@@ -43,9 +43,9 @@ LUNG_WINDOW_HU = (-1350.0, 150.0)
 """The classic lung window (level -600, width 1500) in HU."""
 
 LUNG_WINDOW = (LUNG_WINDOW_HU[0] / HU_SCALE, LUNG_WINDOW_HU[1] / HU_SCALE)
-"""The lung window in the units of preprocessed slices (HU / :data:`HU_SCALE`); values below the
-clip at -1000 HU are all black, as air is. Ground glass (-700 … -300 HU) shows as mid grey here,
-while in :data:`CT_WINDOW` it is nearly as dark as air."""
+"""The lung window in the units of preprocessed slices (HU / :data:`HU_SCALE`). Preprocessing clips
+at -1000 HU, so air shows dark grey rather than black; ground glass (-700 … -300 HU) spans a third
+of the grey scale here, against a fifth in :data:`CT_WINDOW`."""
 
 TRUTH_COLOUR = (0.10, 0.85, 0.20)
 PREDICTION_COLOUR = (0.95, 0.25, 0.10)
