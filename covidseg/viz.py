@@ -142,7 +142,7 @@ def show_slice(ax, image: np.ndarray, mask: np.ndarray | None = None, colour=TRU
     if mask is not None:
         _overlay(ax, radiological(mask), colour)
     if title:
-        ax.set_title(title, fontsize=10)
+        ax.set_title(title, fontsize=11)
     ax.set_axis_off()
     stamp(ax, source)
     return ax
@@ -235,7 +235,7 @@ def comparison_grid(images: np.ndarray, truths: np.ndarray, predictions: Mapping
 
     slices = [k for k in slices if 0 <= k < images.shape[0]]
     columns = 1 + len(predictions)
-    fig, axes = plt.subplots(len(slices), columns, figsize=(2.6 * columns, 2.75 * len(slices) + 0.9), squeeze=False)
+    fig, axes = plt.subplots(len(slices), columns, figsize=(2.2 * columns, 2.4 * len(slices) + 0.9), squeeze=False)
     for row, k in zip(axes, slices):
         show_slice(row[0], images[k], title=f"CT, slice {k}", window=window, source=source)
         for ax, (name, masks) in zip(row[1:], predictions.items()):
