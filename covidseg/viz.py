@@ -173,11 +173,10 @@ def show_overlap(ax, image: np.ndarray, prediction: np.ndarray, truth: np.ndarra
 def _overlap_legend(fig, source) -> None:
     from matplotlib.patches import Patch
 
-    reference = truth_label(source)
-    names = {"true positive": f"found (prediction and {reference})", "false positive": "false positive (prediction only)",
-             "false negative": f"missed ({reference} only)"}
+    names = {"true positive": "found", "false positive": "false positive", "false negative": "missed"}
     handles = [Patch(color=OVERLAP_COLOURS[key], label=label) for key, label in names.items()]
-    fig.legend(handles=handles, loc="lower center", ncol=3, fontsize=10, frameon=False)
+    fig.legend(handles=handles, loc="outside lower center", ncol=3, fontsize=10, frameon=False,
+               title=f"prediction against the {truth_label(source)}", title_fontsize=10)
 
 
 def slice_grid(images: np.ndarray, predictions: np.ndarray, truths: np.ndarray, slices: Sequence[int],
@@ -204,7 +203,7 @@ def slice_grid(images: np.ndarray, predictions: np.ndarray, truths: np.ndarray, 
     slices = [k for k in slices if 0 <= k < images.shape[0]]
     columns = max(1, min(columns, len(slices)))
     rows = -(-len(slices) // columns)
-    fig, axes = plt.subplots(rows, columns, figsize=(3.4 * columns, 3.5 * rows + 0.9), squeeze=False)
+    fig, axes = plt.subplots(rows, columns, figsize=(2.6 * columns, 2.85 * rows + 0.9), squeeze=False, layout="constrained")
     for ax, k in zip(axes.flat, slices):
         show_overlap(ax, images[k], predictions[k], truths[k], title=f"slice {k}", window=window, source=source)
     for ax in axes.flat[len(slices):]:
@@ -216,14 +215,15 @@ def slice_grid(images: np.ndarray, predictions: np.ndarray, truths: np.ndarray, 
 
 def comparison_grid(images: np.ndarray, truths: np.ndarray, predictions: Mapping[str, np.ndarray], slices: Sequence[int],
                     title: str | None = None, window=LUNG_WINDOW, *, source):
-    """The thesis' Figure 10.1: per slice, the CT and each model's prediction against the reference
-    (:func:`show_overlap`), all in the lung window.
+    """The thesis' Figure 10.1: one column per slice; the CT in the first row, then one row per
+    model with its prediction against the reference (:func:`show_overlap`), all in the lung window.
+    Few columns keep the panels large at a page's width.
 
     Args:
         images: ``(Z, H, W)`` slices of one study.
         truths: ``(Z, H, W)`` reference masks.
         predictions: Model name -> ``(Z, H, W)`` predicted masks.
-        slices: Slice indices, one row each (two or three keep the panels large).
+        slices: Slice indices, one column each (two or three keep the panels large).
         title: Figure title.
         window: Display range in the images' units.
         source: What the data came from (see :func:`data_of`).
@@ -234,26 +234,23 @@ def comparison_grid(images: np.ndarray, truths: np.ndarray, predictions: Mapping
     import matplotlib.pyplot as plt
 
     slices = [k for k in slices if 0 <= k < images.shape[0]]
-    columns = 1 + len(predictions)
-    fig, axes = plt.subplots(len(slices), columns, figsize=(2.2 * columns, 2.4 * len(slices) + 0.9), squeeze=False)
-    for row, k in zip(axes, slices):
-        show_slice(row[0], images[k], title=f"CT, slice {k}", window=window, source=source)
-        for ax, (name, masks) in zip(row[1:], predictions.items()):
-            show_overlap(ax, images[k], masks[k], truths[k], title=name, window=window, source=source)
+    rows = 1 + len(predictions)
+    fig, axes = plt.subplots(rows, len(slices), figsize=(2.6 * len(slices), 2.85 * rows + 0.9), squeeze=False,
+                             layout="constrained")
+    for column, k in zip(axes.T, slices):
+        show_slice(column[0], images[k], title=f"CT, slice {k}", window=window, source=source)
+        for ax, (name, masks) in zip(column[1:], predictions.items()):
+            show_overlap(ax, images[k], masks[k], truths[k], title=f"{name}, slice {k}", window=window, source=source)
     _overlap_legend(fig, source)
     _finish_grid(fig, title)
     return fig
 
 
-def _finish_grid(fig, title: str | None, title_inches: float = 0.4) -> None:
-    """Lay out a grid of slices, keeping ``title_inches`` at the top for the title.
-
-    ``tight_layout`` ignores a suptitle, which then overlaps the first row's panel titles.
-    """
-    top = 1.0 - title_inches / fig.get_figheight() if title else 1.0
+def _finish_grid(fig, title: str | None) -> None:
+    """Title a grid of slices; its constrained layout keeps the title, the panel titles and the
+    legend below from overlapping."""
     if title:
-        fig.suptitle(title, fontsize=12, y=1.0 - 0.08 / fig.get_figheight(), va="top")
-    fig.tight_layout(rect=(0, 0.5 / fig.get_figheight(), 1, top))  # the bottom half inch holds the legend
+        fig.suptitle(title, fontsize=12)
 
 
 def learning_curve(history: Sequence[Mapping], title: str | None = None, best_epoch: int | None = None, *, source):

@@ -141,19 +141,18 @@ def test_slice_grid_has_one_overlap_panel_per_valid_slice_in_the_lung_window():
     assert [ax.get_title() for ax in axes[:4]] == ["slice 1", "slice 2", "slice 4", "slice 5"]
     assert images_of(axes[0])[0].get_clim() == viz.LUNG_WINDOW == (-1.35, 0.15)
     assert fig._suptitle.get_text() == "study"
-    labels = [t.get_text() for legend in fig.legends for t in legend.get_texts()]
-    assert any("expert mask" in label for label in labels)
+    labels = [legend.get_title().get_text() for legend in fig.legends]
+    assert labels == ["prediction against the expert mask"]
 
 
 def test_comparison_grid_has_the_ct_and_a_column_per_model():
     images, truths, predictions = stacks()
     models = {"unet": predictions, "unet-vgg19": 1 - predictions, "unet-resnet34": truths}
     fig = viz.comparison_grid(images, truths, models, slices=[0, 2], source=REAL)
-    axes = fig.get_axes()
-    assert len(axes) == 2 * (1 + len(models))
-    assert [len(images_of(ax)) for ax in axes[:4]] == [1, 4, 4, 4]
-    assert [ax.get_title() for ax in axes[1:4]] == [*models]
-    assert images_of(axes[0])[0].get_clim() == viz.LUNG_WINDOW
+    axes = np.array(fig.get_axes()).reshape(1 + len(models), 2)  # a row per model, a column per slice
+    assert [len(images_of(ax)) for ax in axes[:, 0]] == [1, 4, 4, 4]
+    assert [ax.get_title() for ax in axes[:, 1]] == ["CT, slice 2"] + [f"{name}, slice 2" for name in models]
+    assert images_of(axes[0, 0])[0].get_clim() == viz.LUNG_WINDOW
 
 
 def test_learning_curve_plots_loss_and_validation_dice_by_epoch():
@@ -227,7 +226,7 @@ def test_phantom_masks_are_called_phantom_labels():
     assert viz.truth_label(PHANTOM) == "phantom label" and viz.truth_label(REAL) == "expert mask"
     images, truths, predictions = stacks()
     fig = viz.slice_grid(images, predictions, truths, [0], source=PHANTOM)
-    text = " ".join(t.get_text() for legend in fig.legends for t in legend.get_texts())
+    text = " ".join(legend.get_title().get_text() for legend in fig.legends)
     assert "phantom label" in text and "expert" not in text and "ground truth" not in text
 
 
