@@ -12,8 +12,8 @@ LOCK := requirements/lock.txt
 LOCK_CONSTRAINTS := requirements/constraints.txt
 UV_VERSION := 0.13.9
 LATEST_VENV ?= .venv-latest
-# The chapters of _toc.yml, in order (the root page first).
-CHAPTERS := $(shell sed -n 's/^root: *\(.*\)/\1.md/p; s/^ *- file: *\(.*\)/\1.md/p' _toc.yml)
+# The chapters of _toc.yml, in order (the root page first); the course page is text, not a notebook.
+CHAPTERS := $(filter-out book/course.md,$(shell sed -n 's/^root: *\(.*\)/\1.md/p; s/^ *- file: *\(.*\)/\1.md/p' _toc.yml))
 NOTEBOOK_DIR ?= $(or $(TMPDIR),/tmp)/covidseg-nbval
 # Cells are bounded one by one (book/_ext/cell_timeouts.py): a few minutes, longer for cells
 # tagged "training". The same module bounds them under nbval here and in jupyter-book.
@@ -49,7 +49,7 @@ test-unit: install
 	COVIDSEG_LOCKED=1 $(BIN)/python -m pytest tests
 
 # Each chapter runs as Colab runs it: converted alone to .ipynb in an empty folder, quick preset.
-# Cells marked NBVAL_CHECK_OUTPUT are compared with the outputs recorded in book/expected_outputs.
+# Cells tagged nbval-check-output are compared with the outputs recorded in book/expected_outputs.
 test-notebooks: install
 	rm -rf $(NOTEBOOK_DIR) && mkdir -p $(NOTEBOOK_DIR)
 	$(BIN)/python tests/nbval_prepare.py $(NOTEBOOK_DIR) $(CHAPTERS)
@@ -73,7 +73,7 @@ test-latest:
 		$(abspath $(LATEST_VENV))/bin/python -m pytest -p no:cacheprovider -p cell_timeouts \
 		--nbval-lax -o addopts="" -o testpaths="" -v 03_preprocessing.ipynb
 
-# Re-record the expected outputs of the NBVAL_CHECK_OUTPUT cells (after changing such a cell on purpose).
+# Re-record the expected outputs of the cells tagged nbval-check-output (after changing such a cell on purpose).
 record-outputs: install
 	rm -rf $(NOTEBOOK_DIR) && mkdir -p $(NOTEBOOK_DIR)
 	COVIDSEG_QUICK=1 MPLBACKEND=Agg $(BIN)/python tests/nbval_prepare.py --record $(NOTEBOOK_DIR) $(CHAPTERS)

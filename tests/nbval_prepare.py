@@ -2,7 +2,8 @@
 
 nbval compares a cell's new output with the output stored in the notebook, but the chapters are
 text files (jupytext MyST) that store no outputs. This script converts each chapter to ``.ipynb``
-and fills in, for every cell whose first line is ``# NBVAL_CHECK_OUTPUT``, the output recorded in
+and fills in, for every cell tagged ``nbval-check-output`` (nbval's own cell tag, which the published
+pages do not show), the output recorded in
 ``book/expected_outputs/<chapter>.json`` (keyed by the cell's source), so that ``pytest --nbval-lax``
 really compares them. A checked cell without a recorded output is an error.
 
@@ -22,7 +23,8 @@ from pathlib import Path
 import jupytext
 import nbformat
 
-MARKER = "# NBVAL_CHECK_OUTPUT"
+TAG = "nbval-check-output"
+"""nbval's cell tag for a cell whose output is compared under ``--nbval-lax``."""
 EXPECTED_DIR = Path(__file__).resolve().parents[1] / "book" / "expected_outputs"
 
 
@@ -31,7 +33,7 @@ def cell_key(source: str) -> str:
 
 
 def checked_cells(notebook) -> list:
-    return [c for c in notebook.cells if c.cell_type == "code" and c.source.lstrip().startswith(MARKER)]
+    return [c for c in notebook.cells if c.cell_type == "code" and TAG in c.metadata.get("tags", [])]
 
 
 def _portable(outputs: list) -> list:
@@ -54,7 +56,7 @@ def convert(chapter: Path, out_dir: Path) -> Path:
     for count, cell in enumerate(checked_cells(notebook), start=1):
         key = cell_key(cell.source)
         if key not in expected:
-            missing.append(cell.source.strip().splitlines()[1][:60] if "\n" in cell.source.strip() else key)
+            missing.append(cell.source.strip().splitlines()[0][:60])
             continue
         cell.outputs = [nbformat.from_dict(o) for o in expected[key]]
         cell.execution_count = count

@@ -22,12 +22,16 @@ yaml = pytest.importorskip("yaml")
 from covidseg.notebook import COLAB_DATA_DIR  # noqa: E402
 
 COLAB = "https://colab.research.google.com"
-CHECK_OUTPUT = "# NBVAL_CHECK_OUTPUT"
-NO_CHECK_OUTPUT = re.compile(r"^% no NBVAL_CHECK_OUTPUT: \S.*$", re.MULTILINE)
+CHECK_OUTPUT = "nbval-check-output"
+"""nbval's cell tag (cell metadata, so the published code shows no marker)."""
+NO_CHECK_OUTPUT = re.compile(r"^% no nbval-check-output: \S.*$", re.MULTILINE)
 """How a chapter without deterministic cells says why: a MyST comment line (not rendered)."""
 
 MUST_CHECK_OUTPUT = ("book/02_dataset", "book/03_preprocessing", "book/04_segmentation_and_dice")
 """Chapters that have deterministic cells (Table 3.1, preprocessing statistics, toy metrics)."""
+
+PAGES = ("book/course",)
+"""Pages of ``_toc.yml`` that are not notebook chapters (no code, no twin)."""
 
 WITHOUT_REAL_DATA = ("book/01_introduction", "book/04_segmentation_and_dice")
 """Chapters that run on whatever data is at hand; all others download the real data in Colab."""
@@ -42,7 +46,8 @@ def _load_yaml(name: str) -> dict:
 def _chapters() -> list[str]:
     """Chapter paths without suffix, as ``_toc.yml`` lists them (the root first)."""
     toc = _load_yaml("_toc.yml")
-    return [toc["root"]] + [entry["file"] for entry in toc.get("chapters", [])]
+    files = [toc["root"]] + [entry["file"] for entry in toc.get("chapters", [])]
+    return [f for f in files if f not in PAGES]
 
 
 CHAPTERS = _chapters()
@@ -84,6 +89,20 @@ def test_config_points_colab_at_the_main_branch_and_hides_the_twins(config):
 def test_toc_lists_unique_chapters_under_book():
     assert len(set(CHAPTERS)) == len(CHAPTERS)
     assert all(re.fullmatch(r"book/\d\d_\w+", chapter) for chapter in CHAPTERS)
+
+
+def test_toc_has_the_course_page_and_the_extensions_are_configured(config):
+    toc = _load_yaml("_toc.yml")
+    assert "book/course" in [entry["file"] for entry in toc.get("chapters", [])]
+    assert (REPO / "book" / "course.md").is_file()
+    assert "sphinx_exercise" in config["sphinx"]["extra_extensions"]
+    assert all((REPO / path).is_file() for path in config["bibtex_bibfiles"])
+
+
+def test_exercise_labels_are_unique_across_the_book():
+    labels = [label for chapter in CHAPTERS for label in
+              re.findall(r"^:label: (\S+)$", (REPO / f"{chapter}.md").read_text(encoding="utf-8"), re.MULTILINE)]
+    assert len(labels) == len(set(labels))
 
 
 # --------------------------------------------------------------------------- the twins
@@ -157,7 +176,12 @@ def test_chapter_follows_the_skeleton(chapter):
     assert all(p >= 0 for p in positions), f"{chapter}: missing {[m for m, p in zip(landmarks, positions) if p < 0]}"
     assert positions == sorted(positions), f"{chapter}: skeleton out of order"
     assert ":class: tip" in text[positions[0] : positions[0] + 80]
-    assert ":::{dropdown}" in text[positions[-1] :], f"{chapter}: exercises without a dropdown solution"
+    exercises = text[positions[-1] :]
+    labels = re.findall(r"^:::\{exercise\}\n:label: (\S+)$", exercises, re.MULTILINE)
+    solved = re.findall(r"^::::\{solution\} (\S+)\n:class: dropdown$", exercises, re.MULTILINE)
+    assert labels, f"{chapter}: no sphinx-exercise exercises"
+    assert solved == labels, f"{chapter}: every exercise needs a hideable (dropdown) solution, in order"
+    assert "{dropdown} Solution" not in exercises, f"{chapter}: solutions belong in {{solution}} directives"
 
     parameters = [cell for cell in _code(notebook) if "parameters" in cell.metadata.get("tags", [])]
     assert len(parameters) == 1 and "choose_setup()" in parameters[0].source
@@ -167,14 +191,14 @@ def test_chapter_follows_the_skeleton(chapter):
 @pytest.mark.parametrize("chapter", CHAPTERS)
 def test_chapter_checks_deterministic_output_or_says_why_not(chapter):
     notebook = _read(chapter, ".md")
-    checked = [cell for cell in _code(notebook) if cell.source.splitlines()[:1] == [CHECK_OUTPUT]]
-    misplaced = [cell for cell in _code(notebook) if CHECK_OUTPUT in cell.source and cell not in checked]
-    assert not misplaced, f"{chapter}: {CHECK_OUTPUT} must be the first line of its cell"
+    checked = [cell for cell in _code(notebook) if CHECK_OUTPUT in cell.metadata.get("tags", [])]
+    in_source = [cell for cell in _code(notebook) if "NBVAL" in cell.source.upper()]
+    assert not in_source, f"{chapter}: mark cells for nbval with the {CHECK_OUTPUT!r} tag, not a comment"
     if chapter in MUST_CHECK_OUTPUT:
-        assert checked, f"{chapter} has deterministic cells but none marked {CHECK_OUTPUT}"
+        assert checked, f"{chapter} has deterministic cells but none tagged {CHECK_OUTPUT}"
     else:
         text = (REPO / f"{chapter}.md").read_text(encoding="utf-8")
         assert checked or NO_CHECK_OUTPUT.search(text), (
-            f"{chapter}: mark a deterministic cell {CHECK_OUTPUT}, or say why there is none "
-            "in a line '% no NBVAL_CHECK_OUTPUT: <reason>'"
+            f"{chapter}: tag a deterministic cell {CHECK_OUTPUT}, or say why there is none "
+            "in a line '% no nbval-check-output: <reason>'"
         )
