@@ -122,3 +122,16 @@ def test_stalled_cell_fails_under_nbval_naming_notebook_and_cell(tmp_path):
     assert elapsed < 240
     assert "stalled_chapter.ipynb::Cell 1" in output, output[-3000:]
     assert "Timeout of 5 seconds exceeded" in output, output[-3000:]
+
+
+LONG_CALLS = ("train_or_reuse(", "evaluate_or_reuse(")
+
+
+@pytest.mark.parametrize("chapter", sorted((REPO / "book").glob("*.md")), ids=lambda p: p.name)
+def test_cells_that_train_or_score_models_are_tagged_training(chapter):
+    import jupytext
+
+    for index, cell in enumerate(jupytext.read(chapter).cells):
+        if cell.cell_type == "code" and any(call in cell.source for call in LONG_CALLS):
+            assert cell_timeouts.TRAINING_TAG in cell.metadata.get("tags", []), (
+                f"{chapter.name}, cell {index}: trains or scores a model but is not tagged training")
