@@ -117,3 +117,17 @@ def tiny50(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("tiny50") / "mosmed"
     write_tiny_dataset(root, ids=ANNOTATED_IDS, shape=TINY_SHAPE)
     return root
+
+
+class ThresholdModel(torch.nn.Module):
+    """Calls lesion every voxel above ``hu`` HU (its input is HU / 1000): a model with a known answer."""
+
+    def __init__(self, hu: float):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(1, 1, kernel_size=1)
+        with torch.no_grad():
+            self.conv.weight.fill_(1000.0)
+            self.conv.bias.fill_(-hu)
+
+    def forward(self, x):
+        return self.conv(x)

@@ -20,7 +20,7 @@ from covidseg.errors import DataError
 from covidseg.nifti import load_volume
 from covidseg.prediction import predict_file
 
-from conftest import synthetic_ct, write_lesion_everywhere_run
+from conftest import ThresholdModel, synthetic_ct, write_lesion_everywhere_run
 
 sitk = pytest.importorskip("SimpleITK", reason="SimpleITK is a test dependency (pip install covidseg[test])")
 
@@ -54,20 +54,6 @@ CASES = [
 ]
 
 
-class _ThresholdModel(torch.nn.Module):
-    """Lesion wherever the input exceeds ``hu`` HU: a model with a known answer."""
-
-    def __init__(self, hu: float):
-        super().__init__()
-        self.conv = torch.nn.Conv2d(1, 1, kernel_size=1)
-        with torch.no_grad():
-            self.conv.weight.fill_(1000.0)
-            self.conv.bias.fill_(-hu)
-
-    def forward(self, x):
-        return self.conv(x)
-
-
 def _write_study(path, hu, qform, qcode, sform, scode):
     image = nib.Nifti1Image(hu, None)
     image.header.set_data_shape(hu.shape)
@@ -91,7 +77,7 @@ GEOMETRY_FIELDS = ("pixdim", "qform_code", "sform_code", "quatern_b", "quatern_c
 @pytest.fixture
 def threshold_model(monkeypatch):
     config = get_preset("quick").replace(image_size=32)
-    monkeypatch.setattr(prediction, "load_trained_model", lambda run_dir, device="cpu": (_ThresholdModel(-600.0).eval(), config))
+    monkeypatch.setattr(prediction, "load_trained_model", lambda run_dir, device="cpu": (ThresholdModel(-600.0).eval(), config))
 
 
 @pytest.mark.parametrize("name, qform, qcode, sform, scode", CASES, ids=[c[0] for c in CASES])

@@ -14,7 +14,7 @@ from covidseg.config import get_preset
 from covidseg.models import MODEL_NAMES, build_model
 from covidseg.prediction import THRESHOLD, lesion_volume_ml, predict_file, predict_probabilities
 
-from conftest import synthetic_ct, write_lesion_everywhere_run, write_nifti
+from conftest import ThresholdModel, synthetic_ct, write_lesion_everywhere_run, write_nifti
 
 PROBABILITY_TOLERANCE = 1e-4  # channels-last reorders float sums; differences are rounding only
 
@@ -74,20 +74,6 @@ def test_lesion_volume_in_millilitres():
     assert lesion_volume_ml(np.zeros_like(mask), (0.5, 0.5, 5.0)) == 0.0
 
 
-class _ThresholdModel(torch.nn.Module):
-    """Calls lesion every voxel above ``hu`` HU (input is HU / 1000): a model with a known answer."""
-
-    def __init__(self, hu: float):
-        super().__init__()
-        self.conv = torch.nn.Conv2d(1, 1, kernel_size=1)
-        with torch.no_grad():
-            self.conv.weight.fill_(1000.0)
-            self.conv.bias.fill_(-hu)
-
-    def forward(self, x):
-        return self.conv(x)
-
-
 RAS_AFFINE = np.array([[0.7, 0, 0, -120.0], [0, 0.8, 0, -100.0], [0, 0, 5.0, 30.0], [0, 0, 0, 1]])
 
 
@@ -95,7 +81,7 @@ def test_predict_file_keeps_the_affine_and_writes_the_known_mask(tmp_path, monke
     hu, _ = synthetic_ct(shape=(32, 32, 6), seed=3)  # air, body, a lung, a lesion at -500 HU
     study = write_nifti(tmp_path / "ct.nii.gz", hu, RAS_AFFINE)  # stored RAS; covidseg works in LAS
     config = get_preset("quick").replace(image_size=32)
-    monkeypatch.setattr(prediction, "load_trained_model", lambda run_dir, device="cpu": (_ThresholdModel(-600.0).eval(), config))
+    monkeypatch.setattr(prediction, "load_trained_model", lambda run_dir, device="cpu": (ThresholdModel(-600.0).eval(), config))
 
     volume = predict_file(tmp_path / "run", study, tmp_path / "mask.nii.gz", batch_size=4, device="cpu")
 
@@ -145,7 +131,7 @@ def test_with_lungs_box_the_model_runs_on_the_box_and_the_rest_is_background():
     hu[:, 120:130, 70:80] = -300  # a lesion in the left lung
     hu[:, 20:40, 120:130] = 300  # dense tissue far from the lungs, which this model also calls
     volume = np.ascontiguousarray(hu.transpose(1, 2, 0))  # (X, Y, Z), as predict_study takes it
-    model = _ThresholdModel(-600.0).eval()
+    model = ThresholdModel(-600.0).eval()
     seen = []
     original = prediction.predict_probabilities
     spy = lambda model, images, batch_size: seen.append(images.shape) or original(model, images, batch_size)  # noqa: E731
