@@ -17,7 +17,8 @@ refinements reviewed by Sluimer et al. (2006), IEEE TMI 25(4):385-405, all on
    :data:`MIN_LUNG_ML` (bowel gas, air between the arms and the chest) are dropped. Two large
    components are the two lungs; one component spanning both sides (lungs touching at the anterior
    junction) is split by eroding it until it falls apart in two, then giving every voxel to the
-   nearer part; where erosion does not split it, by a sagittal cut at its centre.
+   nearer part; where erosion does not split it, by a cut at the body's sagittal midline. A side
+   left with under :data:`MIN_SIDE_FRACTION` of the other's volume is a failed split.
 5. **Dense lesions.** Each lung is closed with an ellipsoid of :data:`CLOSING_RADIUS_MM` (the
    "rolling ball" that takes juxtapleural lesions back in, here in 3D, so that the aerated lung of
    the neighbouring slices outlines a slice that lesion fills) and its holes are filled slice by
@@ -149,9 +150,10 @@ def _remove_airways(air: np.ndarray, body: np.ndarray, spacing) -> np.ndarray:
     return out
 
 
-def _split(joined: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _split(joined: np.ndarray, midline: float) -> tuple[np.ndarray, np.ndarray]:
     """Two parts of one component holding both lungs: erode until it falls apart, then give every
-    voxel to the nearer part; else cut it at its centre along axis 0."""
+    voxel to the nearer part; else cut it at the body's sagittal midline (index ``midline`` of
+    axis 0)."""
     core = joined
     for _ in range(MAX_SPLIT_EROSIONS):
         core = ndimage.binary_erosion(core, structure=np.ones((3, 3, 1), dtype=bool))
@@ -166,8 +168,7 @@ def _split(joined: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
                 return joined & (owner == 1), joined & (owner == 2)
         elif n == 0:
             break
-    centre = np.nonzero(joined)[0].mean()
-    side = np.arange(joined.shape[0])[:, None, None] < centre
+    side = np.arange(joined.shape[0])[:, None, None] < midline
     return joined & side, joined & ~side
 
 
@@ -210,7 +211,8 @@ def _segment(hu: np.ndarray, spacing, voxel_ml: float, path) -> tuple[np.ndarray
     if len(large) >= 2 and sizes[large[1] - 1] >= MIN_SIDE_FRACTION * sizes[large[0] - 1]:
         first, second = labels == large[0], labels == large[1]
     else:
-        first, second = _split(labels == large[0])
+        columns = np.nonzero(body.any(axis=(1, 2)))[0]
+        first, second = _split(labels == large[0], 0.5 * (columns[0] + columns[-1]))
     if min(first.sum(), second.sum()) < MIN_SIDE_FRACTION * max(first.sum(), second.sum()):
         raise LungError(path, "the left and right lungs could not be separated (one side holds under a tenth of the air)")
     first, second = _fill_lesions(first, spacing), _fill_lesions(second, spacing)
