@@ -134,6 +134,18 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--batch-size", type=_positive_int, default=8)
     predict.add_argument("--lungs-box", action="store_true",
                          help="predict only inside the box around the lungs: faster, but not the same mask (see benchmarks/README.md)")
+    predict.add_argument("--lungs", choices=("classical", "lungmask"), default="classical", help="lung method for the involvement (default classical)")
+    predict.add_argument("--lungs-out", type=Path, default=None, metavar="LUNGS.nii.gz", help="also write the lung mask (1 right, 2 left)")
+    predict.add_argument("--json", type=Path, default=None, help="also write volumes, involvement and category as JSON")
+
+    screen = commands.add_parser("screen", help="lungs, lesions, involvement and category of every study of a folder, into a CSV")
+    screen.add_argument("data", type=Path, metavar="DATA", help="MosMedData folder or folder of NIfTI studies")
+    screen.add_argument("--run", type=Path, required=True)
+    screen.add_argument("--out", type=Path, required=True, metavar="OUT.csv", help="the CSV; a rerun screens only the studies missing from it")
+    screen.add_argument("--lungs", choices=("classical", "lungmask"), default="classical")
+    screen.add_argument("--device", type=_device, default="auto")
+    screen.add_argument("--batch-size", type=_positive_int, default=8)
+    screen.add_argument("--quiet", action="store_true", help="no progress bar")
     return parser
 
 
@@ -216,8 +228,21 @@ def _predict(args) -> None:
         raise DataError(args.output, "is the input study; writing the mask there would destroy it")
     if not args.input.is_file():
         load_volume(args.input)  # raises the DataError that says what the path is instead
+    from .severity import check_severity_outputs, report_severity
+
+    check_severity_outputs(args.input, args.output, args.lungs, args.lungs_out, args.json)
     volume_ml = predict_file(args.run, args.input, args.output, args.batch_size, args.device, args.lungs_box)
     print(f"lesion volume {volume_ml:.1f} mL; mask written to {args.output}")
+    report_severity(args.input, args.output, args.lungs, args.lungs_out, args.json)
+
+
+def _screen(args) -> None:
+    from .screening import screen
+
+    summary = screen(args.data, args.run, args.out, args.lungs, args.device, args.batch_size, progress=not args.quiet)
+    if summary.report:
+        print(f"{summary.screened} studies screened, {summary.skipped} already done, {summary.errors} with an error; CSV written to {summary.out}")
+        print(summary.report)
 
 
 def _interrupted(args, argv: list[str], exc: KeyboardInterrupt) -> str:
@@ -226,6 +251,8 @@ def _interrupted(args, argv: list[str], exc: KeyboardInterrupt) -> str:
 
     if args.command in ("evaluate", "predict"):
         return "covidseg: interrupted; no output was written"
+    if args.command == "screen":
+        return f"covidseg: interrupted; the studies done are kept: {shlex.join(['covidseg', *argv])} finishes the rest"
     if args.command != "train" or not isinstance(exc, TrainingInterrupted):
         return "covidseg: interrupted"
     again = ["covidseg", *argv] + ([] if "--resume" in argv else ["--resume"])
@@ -263,7 +290,7 @@ def main(argv: list[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
     except SystemExit as exc:  # --help, or a usage error already printed on one line
         return 0 if exc.code is None else exc.code if isinstance(exc.code, int) else EXIT_ERROR
-    handler = {"phantom": _phantom, "download": _download, "train": _train, "evaluate": _evaluate, "predict": _predict}[args.command]
+    handler = {"phantom": _phantom, "download": _download, "train": _train, "evaluate": _evaluate, "predict": _predict, "screen": _screen}[args.command]
     try:
         handler(args)
     except CovidsegError as exc:

@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -32,6 +34,8 @@ __all__ = [
     "weighted_kappa",
     "format_confusion",
     "check_lung_method",
+    "check_severity_outputs",
+    "report_severity",
 ]
 
 CATEGORY_UPPER_PERCENT = {"CT-0": 0.0, "CT-1": 25.0, "CT-2": 50.0, "CT-3": 75.0, "CT-4": 100.0}
@@ -282,3 +286,51 @@ def check_lung_method(method: str) -> None:
         if find_spec("lungmask") is None:
             raise LungError(None, "--lungs lungmask needs the lungmask package and its weights (pip install lungmask, once online); use --lungs classical")
 
+
+
+def check_severity_outputs(study, lesion_mask, method: str, lungs_out=None, json_out=None) -> None:
+    """The cheap checks of ``covidseg predict --lungs/--lungs-out/--json``, made before any
+    prediction: a usable method and output names that destroy neither the study nor the mask.
+
+    Raises:
+        DataError: For a bad output path.
+        LungError, ValueError: As :func:`check_lung_method`.
+    """
+    from .nifti import check_output_path
+
+    check_lung_method(method)
+    taken = {Path(study).resolve(), Path(lesion_mask).resolve()}
+    for path, what in ((lungs_out, "--lungs-out"), (json_out, "--json")):
+        if path is None:
+            continue
+        if Path(path).resolve() in taken:
+            raise DataError(path, f"{what} names the study or the mask; writing there would destroy it")
+        if Path(path).is_dir():
+            raise DataError(path, f"{what} is a folder; give a file name")
+    if lungs_out is not None:
+        check_output_path(lungs_out)
+
+
+def report_severity(study, lesion_mask, method: str = "classical", lungs_out=None, json_out=None) -> Severity | None:
+    """Print a predicted study's severity (:func:`assess_files`), as ``covidseg predict`` does.
+
+    Where no lungs are found and neither ``lungs_out`` nor ``json_out`` was asked for, one warning
+    line says so and ``None`` is returned; otherwise the error is raised.
+
+    Raises:
+        LungError: If no lungs are found and an output was asked for.
+    """
+    from .lungs import LungError
+
+    try:
+        severity = assess_files(study, lesion_mask, method, lungs_out, json_out)
+    except LungError as exc:
+        if lungs_out is None and json_out is None:
+            print(f"covidseg: warning: {exc}; involvement not computed", file=sys.stderr)
+            return None
+        raise
+    print("\n".join(severity.lines()))
+    for path, what in ((lungs_out, "lung mask (1 right, 2 left)"), (json_out, "numbers")):
+        if path is not None:
+            print(f"{what} written to {path}")
+    return severity
