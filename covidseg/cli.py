@@ -140,7 +140,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     screen = commands.add_parser("screen", help="lungs, lesions, involvement and category of every study of a folder, into a CSV")
     screen.add_argument("data", type=Path, metavar="DATA", help="MosMedData folder or folder of NIfTI studies")
-    screen.add_argument("--run", type=Path, required=True)
+    screen.add_argument("--run", "--model-run", dest="run", type=Path, required=True,
+                        help="the training run (under torchrun, whose own --run-path takes --run, write --model-run)")
     screen.add_argument("--out", type=Path, required=True, metavar="OUT.csv", help="the CSV; a rerun screens only the studies missing from it")
     screen.add_argument("--lungs", choices=("classical", "lungmask"), default="classical")
     screen.add_argument("--device", type=_device, default="auto")

@@ -12,7 +12,9 @@ studies without a row. At the end the rows are merged, sorted by study, into ``O
 atomically) and the part files are removed. A study whose row holds an error counts as done; delete
 its row to screen it again.
 
-Scale-out: under ``torchrun --nproc_per_node N -m covidseg screen ...`` each rank (``RANK`` of
+Scale-out: under ``torchrun --nproc_per_node N -m covidseg screen DATA --model-run R --out OUT``
+(torchrun reads ``--run`` as an abbreviation of its own ``--run-path``, so the run is given by
+the flag's other name, ``--model-run``) each rank (``RANK`` of
 ``WORLD_SIZE``, from torchrun's environment) takes every N-th study still to do, on its own GPU
 (``cuda:LOCAL_RANK``) where there are GPUs, and writes its own part file; torch.distributed (gloo)
 only synchronises the ranks, and rank 0 merges. The merged CSV equals that of one process, except

@@ -172,7 +172,7 @@ def torchrun(args: list[str], **kwargs) -> subprocess.Popen:
 @pytest.mark.slow
 def test_torchrun_two_ranks_give_the_single_process_csv_and_resume_after_a_kill(phantom, run_dir, tmp_path):
     single = tmp_path / "single.csv"
-    args = ["screen", str(phantom), "--run", str(run_dir), "--device", "cpu", "--quiet"]
+    args = ["screen", str(phantom), "--model-run", str(run_dir), "--device", "cpu", "--quiet"]
     assert main([*args, "--out", str(single)]) == 0
     reference = without_seconds(rows_of(single))
 
@@ -187,14 +187,14 @@ def test_torchrun_two_ranks_give_the_single_process_csv_and_resume_after_a_kill(
     assert without_seconds(rows_of(out)) == reference
     assert "quadratic weighted kappa" in output
 
-    # kill a second run once some rows are written, then rerun: only the missing studies are done
+    # stop a second run once some rows are written, then rerun: only the missing studies are done
     killed = tmp_path / "killed.csv"
     process = torchrun([*args, "--out", str(killed)])
     deadline = time.monotonic() + 240
     parts = lambda: [r for p in tmp_path.glob("killed.csv.part*.csv") for r in read_rows(p).values()]  # noqa: E731
     while time.monotonic() < deadline and process.poll() is None and len(parts()) < 3:
         time.sleep(0.2)
-    os.killpg(process.pid, signal.SIGKILL)
+    process.send_signal(signal.SIGTERM)  # torchrun passes it on to its workers, as on Ctrl-C
     process.wait(timeout=60)
     before = {r["study"]: r["seconds"] for r in parts()} | {s: r["seconds"] for s, r in read_rows(killed).items()}
     process = torchrun([*args, "--out", str(killed)])
