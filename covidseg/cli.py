@@ -91,6 +91,9 @@ def build_parser() -> argparse.ArgumentParser:
     download = commands.add_parser("download", help="download and verify the 50 annotated MosMedData studies")
     download.add_argument("out", type=Path, help="output folder")
     download.add_argument("--mirror", default=None, help="base URL of the mirror (default: the pinned GitHub mirror)")
+    download.add_argument("--categories", default=None, metavar="CT-0,CT-1,...|all", help="download these categories of all 1110 studies (default: the 50 annotated CT-1 studies)")
+    download.add_argument("--per-category", type=_positive_int, default=None, metavar="N", help="with --categories: a seeded sample of N studies of each")
+    download.add_argument("--seed", type=int, default=0, help="seed of the --per-category sample (default 0)")
 
     train = commands.add_parser("train", help="train a model with early stopping")
     train.add_argument("--data", type=Path, default=None, help="MosMedData folder (default: $COVIDSEG_DATA or the phantom)")
@@ -195,7 +198,14 @@ def _download(args) -> None:
     from .download import CREDIT, DEFAULT_MIRROR, download
 
     print(CREDIT)
-    paths = download(args.out, mirror=args.mirror or DEFAULT_MIRROR)
+    if args.categories is None and args.per_category is not None:
+        raise ValueError("--per-category needs --categories")
+    if args.categories is not None:
+        from .selection import download_selection, parse_categories
+
+        paths = download_selection(args.out, parse_categories(args.categories), args.per_category, args.seed, args.mirror)
+    else:
+        paths = download(args.out, mirror=args.mirror or DEFAULT_MIRROR)
     print(f"{len(paths)} files downloaded and verified in {args.out}")
     print(f"use them with: export COVIDSEG_DATA={args.out}")
 
