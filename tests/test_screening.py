@@ -14,12 +14,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
-from covidseg.checkpoint import save_checkpoint
 from covidseg.cli import main
-from covidseg.config import get_preset
-from covidseg.models import build_model
 from covidseg.mosmed import REGISTRY_NAME
 from covidseg.phantom import write_phantom
 from covidseg.screening import COLUMNS, list_studies, read_rows
@@ -33,14 +29,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory) -> Path:
-    """A run folder holding an untrained width-4 U-Net at 32 px (deterministic)."""
-    torch.manual_seed(0)
-    run = tmp_path_factory.mktemp("screen") / "run"
-    config = get_preset("quick").replace(model="unet", image_size=SIZE, unet_width=4)
-    model = build_model("unet", encoder_weights=None, width=4)
-    save_checkpoint({"model_name": "unet", "config": config.to_dict(), "model": model.state_dict(), "epoch": 0, "history": []}, run / "best.pt")
-    return run
+def run_dir(untrained_run) -> Path:
+    return untrained_run
 
 
 @pytest.fixture(scope="module")

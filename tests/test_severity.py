@@ -4,6 +4,8 @@ that ``covidseg predict`` writes about a study's severity."""
 from __future__ import annotations
 
 import json
+import re
+from importlib.util import find_spec
 
 import nibabel as nib
 import numpy as np
@@ -161,6 +163,46 @@ def test_assess_files_writes_the_lung_mask_on_the_inputs_grid_and_the_numbers(ph
     assert las.category == ras.category
     for field in ("lung_ml", "lesion_ml", "involvement_percent"):
         assert getattr(las, field) == pytest.approx(getattr(ras, field)), field
+
+
+def test_predict_reports_severity_and_writes_lungs_and_json(phantom_files, untrained_run, tmp_path, capsys):
+    from covidseg.cli import main
+
+    _, files = phantom_files
+    study = files["ras"][0]
+    mask, lungs_out, json_out = tmp_path / "mask.nii.gz", tmp_path / "lungs.nii.gz", tmp_path / "severity.json"
+    args = ["predict", "--run", str(untrained_run), str(study), str(mask), "--device", "cpu"]
+    assert main([*args, "--lungs-out", str(lungs_out), "--json", str(json_out)]) == 0
+    printed = capsys.readouterr().out
+    record = json.loads(json_out.read_text())
+    assert f"category {record['category']}" in printed and "right lung" in printed and "left lung" in printed
+    expected = assess_files(study, mask)
+    assert record["lung_ml"] == pytest.approx(expected.lung_ml)
+    assert record["lesion_ml"]["all"] == pytest.approx(float(re.search(r"lesion volume (\d+\.\d) mL", printed).group(1)), abs=0.05)
+    assert nib.load(lungs_out).shape == nib.load(study).shape
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--lungs", "lungmask"], "needs the lungmask package"),
+        (["--json", "STUDY"], "names the study or the mask"),
+        (["--lungs-out", "lungs.txt"], "must end in .nii.gz or .nii"),
+    ],
+)
+def test_predict_checks_severity_options_before_predicting(extra, message, phantom_files, untrained_run, tmp_path, capsys):
+    from covidseg.cli import main
+
+    _, files = phantom_files
+    study = files["las"][0]
+    if extra[0] == "--lungs" and find_spec("lungmask") is not None:
+        pytest.skip("lungmask is installed here")
+    extra = [str(study) if e == "STUDY" else str(tmp_path / e) if e.endswith(".txt") else e for e in extra]
+    mask = tmp_path / "mask.nii.gz"
+    assert main(["predict", "--run", str(untrained_run), str(study), str(mask), "--device", "cpu", *extra]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0], err
+    assert not mask.exists(), "nothing is predicted when an option is bad"
 
 
 def test_every_category_is_named():
