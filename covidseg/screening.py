@@ -285,6 +285,7 @@ def screen(
     device: str = "auto",
     batch_size: int = 8,
     progress: bool = True,
+    only=None,
 ) -> ScreenSummary:
     """Screen every study of ``data`` into ``out`` (see the module's notes), resuming earlier runs.
 
@@ -297,6 +298,7 @@ def screen(
             own GPU.
         batch_size: Slices per forward pass.
         progress: Show a progress bar (each rank its own).
+        only: Screen only these studies (names as in the CSV's ``study`` column); default all.
 
     Returns:
         The :class:`ScreenSummary`.
@@ -315,6 +317,12 @@ def screen(
         raise DataError(out, "is a folder; give a file name such as screening.csv")
     check_lung_method(lungs)
     entries = list_studies(data)
+    if only is not None:
+        wanted = set(only)
+        unknown = sorted(wanted - {e.study for e in entries})
+        if unknown:
+            raise DataError(data, f"no study named {', '.join(unknown[:3])} here")
+        entries = [e for e in entries if e.study in wanted]
     rank, world, local = _distributed()
     done = read_rows(out)
     for part in _part_files(out):
