@@ -1,4 +1,4 @@
-"""The ``covidseg`` command: phantom, download, train, evaluate, predict.
+"""The ``covidseg`` command: phantom, download, train, evaluate, predict, screen.
 
 Every problem with the user's input ends in one line ``covidseg: error: ...`` naming the file and
 the problem, and a non-zero exit status, never a Python traceback.
@@ -73,7 +73,7 @@ def _device(text: str) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The parser of the ``covidseg`` command and its five subcommands."""
+    """The parser of the ``covidseg`` command and its subcommands."""
     from .models import MODEL_NAMES
     from .splits import SPLIT_NAMES
 
