@@ -6,7 +6,7 @@ untrained ``unet-resnet34`` (the timings are those of a trained model; its masks
 1. **Throughput**: one process with ``--threads`` torch threads (default 2) screens ``--studies``
    studies at ``--size`` px (default 512): studies per minute, and how the time of one study splits
    between the lung mask and the rest (reading, prediction, volumes).
-2. **Scaling**: the same studies at ``--scaling-size`` px, one process with one thread against
+2. **Scaling**: ``--scaling-studies`` studies at ``--scaling-size`` px, one process with one thread against
    ``torchrun --nproc_per_node 2`` with one thread per rank, in fresh processes, interleaved
    (``--rounds``): efficiency = (time of one rank / time of two ranks) / 2, per round.
 
@@ -82,6 +82,7 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=512)
     parser.add_argument("--scaling-size", type=int, default=256)
     parser.add_argument("--studies", type=int, default=4)
+    parser.add_argument("--scaling-studies", type=int, default=4, help="an even number keeps the two ranks balanced")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=2)
     _common.add_results_argument(parser, "screening")
@@ -125,7 +126,7 @@ def main() -> None:
 
     # 2. scaling: one rank against two, one thread each, interleaved
     scaling_data = phantom(args.scaling_size)
-    scaling_names = [s.name for s in discover_studies(scaling_data)][: max(2, args.studies)]
+    scaling_names = [s.name for s in discover_studies(scaling_data)][: args.scaling_studies]
     scaling_run = untrained_run(args.model, args.scaling_size)
     one, two = work / "one-rank.csv", work / "two-ranks.csv"
     timed_run(screen_command(scaling_data, scaling_run, one, scaling_names[:2], 1), 1, one)  # warm-up
