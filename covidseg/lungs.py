@@ -15,7 +15,9 @@ refinements reviewed by Sluimer et al. (2006), IEEE TMI 25(4):385-405, all on
    and main bronchi, :data:`AIRWAY_MAX_AREA_MM2`) are removed.
 4. **Lungs.** The 3D components of what is left, largest first; components of under
    :data:`MIN_LUNG_ML` (bowel gas, air between the arms and the chest) are dropped. Two large
-   components are the two lungs; one component spanning both sides (lungs touching at the anterior
+   components are the two lungs: the largest, and the largest on the other side of the body's
+   sagittal midline; other large components within :data:`FISSURE_GAP_MM` of a lung are lobes of
+   it that a complete fissure cut off. One component spanning both sides (lungs touching at the anterior
    junction) is split by eroding it until it falls apart in two, then giving every voxel to the
    nearer part; where erosion does not split it, by a cut at the body's sagittal midline. A side
    left with under :data:`MIN_SIDE_FRACTION` of the other's volume is a failed split.
@@ -87,6 +89,9 @@ lying near the body's midline, are airways."""
 
 AIRWAY_MIDLINE_MM = 45.0
 """How far from the body's sagittal midline an airway's centre may lie."""
+
+FISSURE_GAP_MM = 3.0
+"""Air components this close to a lung are lobes of it, cut off by a complete fissure."""
 
 MAX_SPLIT_EROSIONS = 12
 """Most erosions (of one voxel each) tried to separate lungs joined at the anterior junction."""
@@ -208,15 +213,39 @@ def _segment(hu: np.ndarray, spacing, voxel_ml: float, path) -> tuple[np.ndarray
     if not large:
         biggest = f"{sizes.max():.0f} mL" if n else "none"
         raise LungError(path, f"no lungs found: the largest air region inside the body is {biggest} (lungs hold over {MIN_LUNG_ML:.0f} mL)")
-    if len(large) >= 2 and sizes[large[1] - 1] >= MIN_SIDE_FRACTION * sizes[large[0] - 1]:
-        first, second = labels == large[0], labels == large[1]
+    columns = np.nonzero(body.any(axis=(1, 2)))[0]
+    midline = 0.5 * (columns[0] + columns[-1])
+    centres = {label: ndimage.center_of_mass(labels == label)[0] for label in large}
+    first = labels == large[0]
+    other_side = [label for label in large[1:] if (centres[label] < midline) != (centres[large[0]] < midline)]
+    if other_side and sizes[other_side[0] - 1] >= MIN_SIDE_FRACTION * sizes[large[0] - 1]:
+        second, used = labels == other_side[0], (large[0], other_side[0])
     else:
-        columns = np.nonzero(body.any(axis=(1, 2)))[0]
-        first, second = _split(labels == large[0], 0.5 * (columns[0] + columns[-1]))
+        (first, second), used = _split(first, midline), (large[0],)
+    first, second = _merge_lobes(labels, [label for label in large if label not in used], first, second, spacing)
     if min(first.sum(), second.sum()) < MIN_SIDE_FRACTION * max(first.sum(), second.sum()):
         raise LungError(path, "the left and right lungs could not be separated (one side holds under a tenth of the air)")
     first, second = _fill_lesions(first, spacing), _fill_lesions(second, spacing)
     return first, second & ~first
+
+
+def _merge_lobes(labels: np.ndarray, rest: list[int], first: np.ndarray, second: np.ndarray, spacing):
+    """Add to each lung the other large air components that touch it across a fissure (within
+    :data:`FISSURE_GAP_MM`): lobes that a complete fissure cut off."""
+    disc = _disc(FISSURE_GAP_MM + max(spacing[:2]), spacing[:2])  # centres one gap and one pixel apart
+    reach = np.zeros(disc.shape + (3,), dtype=bool)  # the disc in-plane, one slice up and down
+    reach[:, :, 1] = disc
+    reach[disc.shape[0] // 2, disc.shape[1] // 2, :] = True
+    grown = [ndimage.binary_dilation(lung, structure=reach) for lung in (first, second)]
+    for label in rest:
+        part = labels == label
+        touches = [np.count_nonzero(part & g) for g in grown]
+        if max(touches) > 0:
+            if touches[0] >= touches[1]:
+                first = first | part
+            else:
+                second = second | part
+    return first, second
 
 
 def _block_mean(hu: np.ndarray, factors) -> np.ndarray:

@@ -124,6 +124,16 @@ def test_joined_lungs_are_split(bridge):
     assert np.argwhere(lungs == RIGHT)[:, 0].max() < np.argwhere(lungs == LEFT)[:, 0].min()
 
 
+def test_a_lobe_cut_off_by_a_complete_fissure_stays_with_its_lung():
+    hu = two_box_lungs(bridge=False)
+    hu[14:36, 39, 1:11] = 40  # a fissure across the right lung, one 2 mm pixel thick
+    lungs = segment_lungs(hu, AFFINE_2MM)
+    right = np.zeros(hu.shape, dtype=bool)
+    right[14:36, 20:60, 1:11] = True
+    assert np.count_nonzero((lungs == RIGHT) & right) >= 0.95 * np.count_nonzero(right & (hu < -500))
+    assert not np.any((lungs == LEFT) & right)
+
+
 def test_an_empty_volume_has_no_lungs(tmp_path):
     with pytest.raises(LungError, match="no body found"):
         segment_lungs(np.full((40, 40, 10), -1024, dtype=np.int16), AFFINE_2MM, path=tmp_path / "empty.nii.gz")
