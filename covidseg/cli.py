@@ -1,4 +1,4 @@
-"""The ``covidseg`` command: phantom, download, train, evaluate, predict.
+"""The ``covidseg`` command: phantom, download, train, evaluate, predict, screen.
 
 Every problem with the user's input ends in one line ``covidseg: error: ...`` naming the file and
 the problem, and a non-zero exit status, never a Python traceback.
@@ -15,7 +15,7 @@ import tempfile
 import traceback
 from pathlib import Path
 
-from .config import PRESETS, ConfigError, TrainConfig, check_value, field_type, get_preset
+from .config import LUNG_METHOD_NAMES, PRESETS, ConfigError, TrainConfig, check_value, field_type, get_preset
 from .errors import CheckpointError, CovidsegError, DataError
 from .splits import Split
 
@@ -74,6 +74,22 @@ def _value_of(name: str):
     return parse
 
 
+def _whole_number(low: int, high: int):
+    """An argparse ``type`` for a whole number in ``[low, high]`` (flags that are not config fields)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"must be between {low} and {high}, got {value}")
+        return value
+
+    parse.__name__ = "whole number"
+    return parse
+
+
 def _add_config_flags(parser: argparse.ArgumentParser) -> None:
     """One flag per :class:`TrainConfig` field, its help and valid values from the field's metadata.
 
@@ -121,6 +137,9 @@ def build_parser() -> argparse.ArgumentParser:
     download = commands.add_parser("download", help="download and verify the 50 annotated MosMedData studies")
     download.add_argument("out", type=Path, help="output folder")
     download.add_argument("--mirror", default=None, help="base URL of the mirror (default: the pinned GitHub mirror)")
+    download.add_argument("--categories", default=None, metavar="CT-0,CT-1,...|all", help="download these categories of all 1110 studies (default: the 50 annotated CT-1 studies)")
+    download.add_argument("--per-category", type=_whole_number(1, 1110), default=None, metavar="N", help="with --categories: a seeded sample of N studies of each")
+    download.add_argument("--seed", type=_value_of("seed"), default=0, help="seed of the --per-category sample (default 0)")
 
     train = commands.add_parser("train", help="train a model with early stopping")
     train.add_argument("--data", type=Path, default=None, help="MosMedData folder (default: $COVIDSEG_DATA or the phantom)")
@@ -147,6 +166,19 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--batch-size", type=_value_of("batch_size"), default=8, help="slices per forward pass (default 8)")
     predict.add_argument("--lungs-box", action="store_true",
                          help="predict only inside the box around the lungs: faster, but not the same mask (see benchmarks/README.md)")
+    predict.add_argument("--lungs", choices=LUNG_METHOD_NAMES, default="classical", help="lung method for the involvement (default classical)")
+    predict.add_argument("--lungs-out", type=Path, default=None, metavar="LUNGS.nii.gz", help="also write the lung mask (1 right, 2 left)")
+    predict.add_argument("--json", type=Path, default=None, help="also write volumes, involvement and category as JSON")
+
+    screen = commands.add_parser("screen", help="lungs, lesions, involvement and category of every study of a folder, into a CSV")
+    screen.add_argument("data", type=Path, metavar="DATA", help="MosMedData folder or folder of NIfTI studies")
+    screen.add_argument("--run", "--model-run", dest="run", type=Path, required=True,
+                        help="the training run (under torchrun, whose own --run-path takes --run, write --model-run)")
+    screen.add_argument("--out", type=Path, required=True, metavar="OUT.csv", help="the CSV; a rerun screens only the studies missing from it")
+    screen.add_argument("--lungs", choices=LUNG_METHOD_NAMES, default="classical", help="lung method (default classical)")
+    screen.add_argument("--device", type=_value_of("device"), default="auto", help=device_help)
+    screen.add_argument("--batch-size", type=_value_of("batch_size"), default=8, help="slices per forward pass (default 8)")
+    screen.add_argument("--quiet", action="store_true", help="no progress bar")
     return parser
 
 
@@ -177,7 +209,14 @@ def _download(args) -> None:
     from .download import CREDIT, DEFAULT_MIRROR, download
 
     print(CREDIT)
-    paths = download(args.out, mirror=args.mirror or DEFAULT_MIRROR)
+    if args.categories is None and args.per_category is not None:
+        raise ValueError("--per-category needs --categories")
+    if args.categories is not None:
+        from .selection import download_selection, parse_categories
+
+        paths = download_selection(args.out, parse_categories(args.categories), args.per_category, args.seed, args.mirror)
+    else:
+        paths = download(args.out, mirror=args.mirror or DEFAULT_MIRROR)
     print(f"{len(paths)} files downloaded and verified in {args.out}")
     print(f"use them with: export COVIDSEG_DATA={args.out}")
 
@@ -211,8 +250,21 @@ def _predict(args) -> None:
         raise DataError(args.output, "is the input study; writing the mask there would destroy it")
     if not args.input.is_file():
         load_volume(args.input)  # raises the DataError that says what the path is instead
+    from .severity import check_severity_outputs, report_severity
+
+    check_severity_outputs(args.input, args.output, args.lungs, args.lungs_out, args.json)
     volume_ml = predict_file(args.run, args.input, args.output, args.batch_size, args.device, args.lungs_box)
     print(f"lesion volume {volume_ml:.1f} mL; mask written to {args.output}")
+    report_severity(args.input, args.output, args.lungs, args.lungs_out, args.json)
+
+
+def _screen(args) -> None:
+    from .screening import screen
+
+    summary = screen(args.data, args.run, args.out, args.lungs, args.device, args.batch_size, progress=not args.quiet)
+    if summary.report:
+        print(f"{summary.screened} studies screened, {summary.skipped} already done, {summary.errors} with an error; CSV written to {summary.out}")
+        print(summary.report)
 
 
 def _interrupted(args, argv: list[str], exc: KeyboardInterrupt) -> str:
@@ -221,6 +273,8 @@ def _interrupted(args, argv: list[str], exc: KeyboardInterrupt) -> str:
 
     if args.command in ("evaluate", "predict"):
         return "covidseg: interrupted; no output was written"
+    if args.command == "screen":
+        return f"covidseg: interrupted; the studies done are kept: {shlex.join(['covidseg', *argv])} finishes the rest"
     if args.command != "train" or not isinstance(exc, TrainingInterrupted):
         return "covidseg: interrupted"
     again = ["covidseg", *argv] + ([] if "--resume" in argv else ["--resume"])
@@ -259,7 +313,7 @@ def main(argv: list[str] | None = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as exc:  # --help, or a usage error already printed on one line
         return 0 if exc.code is None else exc.code if isinstance(exc.code, int) else EXIT_ERROR
-    handler = {"phantom": _phantom, "download": _download, "train": _train, "evaluate": _evaluate, "predict": _predict}[args.command]
+    handler = {"phantom": _phantom, "download": _download, "train": _train, "evaluate": _evaluate, "predict": _predict, "screen": _screen}[args.command]
     try:
         handler(args)
     except CovidsegError as exc:

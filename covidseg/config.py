@@ -33,6 +33,7 @@ __all__ = [
     "preset_from_env",
     "MODEL_NAMES",
     "LOSS_NAMES",
+    "LUNG_METHOD_NAMES",
     "MODEL_SIZE_MULTIPLE",
     "SEED_RANGE",
 ]
@@ -42,6 +43,9 @@ MODEL_NAMES = ("unet", "unet-vgg19", "unet-resnet34", "unet-mobilenetv2")
 
 LOSS_NAMES = ("dice", "bce-dice")
 """Names accepted by :func:`covidseg.losses.build_loss`."""
+
+LUNG_METHOD_NAMES = ("classical", "lungmask")
+"""Lung segmentation methods of :mod:`covidseg.lungs` (``--lungs``)."""
 
 MODEL_SIZE_MULTIPLE = {"unet": 16}
 """In-plane sizes must be a multiple of this (the U-Net's 4 poolings); smp's encoders (5 stages) need 32."""

@@ -35,7 +35,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from importlib import resources
 from pathlib import Path
 
@@ -52,6 +52,7 @@ except ImportError:  # pragma: no cover - Windows
     fcntl = None
 
 __all__ = [
+    "fetch_files",
     "DEFAULT_MIRROR",
     "CREDIT",
     "MANIFEST_RESOURCE",
@@ -299,6 +300,53 @@ def download(
                 raise DownloadError(path, f"study {study_id} is not in the mirror manifest "
                                           f"(annotated studies are {ANNOTATED_IDS[0]}..{ANNOTATED_IDS[-1]})")
             paths.append(path)
+    fetched = [Study(i, CATEGORY, study_path(out, i, CATEGORY), mask_path(out, i)) for i in study_ids]
+    return fetch_files(out, paths, hashes, mirror, sizes=sizes, finish=lambda folder: _update_registry(folder, fetched),
+                       retries=retries, backoff=backoff, timeout=timeout, progress=progress, max_bytes=max_bytes,
+                       min_speed=min_speed, stall_seconds=stall_seconds, desc="MosMedData CT-1")
+
+
+def fetch_files(
+    out: str | os.PathLike,
+    paths: Iterable[str],
+    hashes: Mapping[str, str],
+    mirror: str = DEFAULT_MIRROR,
+    *,
+    sizes: Mapping[str, int] | None = None,
+    finish: Callable[[Path], object] | None = None,
+    retries: int = 4,
+    backoff: float = 1.0,
+    timeout: float = 60,
+    progress: bool = True,
+    max_bytes: int = MAX_UNKNOWN_SIZE_BYTES,
+    min_speed: float = MIN_SPEED_BYTES_PER_S,
+    stall_seconds: float = STALL_SECONDS,
+    desc: str = "MosMedData",
+) -> list[Path]:
+    """Fetch mirror ``paths`` into ``out``, each verified against its git blob SHA-1: the engine
+    behind :func:`download` and :func:`covidseg.selection.download_selection`, with the same
+    resumption, retries, bounds and link refusal (see :func:`download`).
+
+    Args:
+        out: The dataset folder (created if needed).
+        paths: Paths relative to the mirror's root, as in the manifest.
+        hashes: ``{path: git blob SHA-1}`` holding every path.
+        mirror: Base URL of the mirror.
+        sizes: ``{path: size in bytes}`` where known; other files are capped at ``max_bytes``.
+        finish: Called with ``out`` once every file is verified, still holding the folder's lock
+            (to write the registry).
+        desc: Label of the progress bar.
+        Other arguments: as :func:`download`.
+
+    Returns:
+        The verified files, in the order of ``paths``.
+
+    Raises:
+        DownloadError: As :func:`download`.
+    """
+    out = Path(out)
+    paths = list(paths)
+    sizes = sizes or {}
     if retries < 0 or backoff < 0 or timeout <= 0 or max_bytes <= 0 or min_speed < 0 or stall_seconds <= 0:
         raise ValueError(f"need retries >= 0, backoff >= 0, timeout > 0, max_bytes > 0, min_speed >= 0 and "
                          f"stall_seconds > 0, got {retries}, {backoff}, {timeout}, {max_bytes}, {min_speed}, {stall_seconds}")
@@ -313,14 +361,13 @@ def download(
     fetcher = _Fetcher(None, retries, backoff, timeout, progress, min_speed, stall_seconds)
     files = []
     with _exclusive_lock(out / LOCK_NAME):
-        with tqdm(total=len(paths), unit="file", desc="MosMedData CT-1", disable=not progress) as bar:
+        with tqdm(total=len(paths), unit="file", desc=desc, disable=not progress) as bar:
             for path in paths:
-                target = targets[path]
                 limit = _Limit(sizes[path], True) if path in sizes else _Limit(max_bytes, False)
-                files.append(fetcher.ensure(target, mirror_url(path, mirror), hashes[path], limit))
+                files.append(fetcher.ensure(targets[path], mirror_url(path, mirror), hashes[path], limit))
                 bar.update()
-        fetched = [Study(i, CATEGORY, study_path(out, i, CATEGORY), mask_path(out, i)) for i in study_ids]
-        _update_registry(out, fetched)
+        if finish is not None:
+            finish(out)
     return files
 
 

@@ -32,6 +32,7 @@ __all__ = [
     "discover_studies",
     "annotated_studies",
     "write_registry",
+    "read_registry",
 ]
 
 CATEGORIES = ("CT-0", "CT-1", "CT-2", "CT-3", "CT-4")
@@ -156,7 +157,21 @@ def write_registry(root: str | os.PathLike, studies: list[Study]) -> Path:
     return target
 
 
-def _read_registry(registry: Path, root: Path) -> list[Study]:
+def read_registry(registry: str | os.PathLike, root: str | os.PathLike | None = None) -> list[tuple[int, Study]]:
+    """The rows of a ``dataset_registry.csv``, without checking that the files they name exist.
+
+    Args:
+        registry: The registry file.
+        root: The dataset folder its paths are relative to (default: the registry's folder).
+
+    Returns:
+        ``(line, study)`` for every non-blank row, in the file's order.
+
+    Raises:
+        DataError: If the registry is unreadable or malformed.
+    """
+    registry = Path(registry)
+    root = registry.parent if root is None else Path(root)
     try:
         text = registry.read_text(encoding="utf-8-sig")
     except (OSError, UnicodeDecodeError) as exc:
@@ -173,13 +188,17 @@ def _read_registry(registry: Path, root: Path) -> list[Study]:
         sid, category, image, mask = (cell.strip() for cell in row)
         if not sid.isdigit() or category not in CATEGORIES:
             raise DataError(registry, f"line {line}: bad study id {sid!r} or category {category!r}")
-        image_file = root / image.lstrip("/")
-        if not image_file.is_file():
-            raise DataError(image_file, f"named by {REGISTRY_NAME} line {line} but missing")
-        mask_file = root / mask.lstrip("/") if mask else None
-        if mask_file is not None and not mask_file.is_file():
-            raise DataError(mask_file, f"named by {REGISTRY_NAME} line {line} but missing")
-        studies.append(Study(int(sid), category, image_file, mask_file))
+        studies.append((line, Study(int(sid), category, root / image.lstrip("/"), root / mask.lstrip("/") if mask else None)))
+    return studies
+
+
+def _read_registry(registry: Path, root: Path) -> list[Study]:
+    studies = []
+    for line, study in read_registry(registry, root):
+        for path in (study.image, study.mask):
+            if path is not None and not path.is_file():
+                raise DataError(path, f"named by {REGISTRY_NAME} line {line} but missing")
+        studies.append(study)
     return sorted(studies, key=lambda s: s.study_id)
 
 

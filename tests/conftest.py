@@ -131,3 +131,18 @@ class ThresholdModel(torch.nn.Module):
 
     def forward(self, x):
         return self.conv(x)
+
+
+@pytest.fixture(scope="module")
+def untrained_run(tmp_path_factory) -> Path:
+    """A run folder holding an untrained width-4 U-Net at 32 px (seeded): for commands whose
+    mechanics, not accuracy, are tested."""
+    from covidseg.checkpoint import save_checkpoint
+    from covidseg.models import build_model
+
+    torch.manual_seed(0)
+    run = tmp_path_factory.mktemp("untrained") / "run"
+    config = get_preset("quick").replace(model="unet", image_size=32, unet_width=4)
+    model = build_model("unet", encoder_weights=None, width=4)
+    save_checkpoint({"model_name": "unet", "config": config.to_dict(), "model": model.state_dict(), "epoch": 0, "history": []}, run / "best.pt")
+    return run

@@ -22,9 +22,13 @@ from covidseg.checkpoint import load_checkpoint, save_checkpoint
 from covidseg.cli import EXIT_ERROR, build_parser, config_from_args, flag_of, main
 from covidseg.config import QUICK_ENV, TrainConfig, preset_from_env
 from covidseg.runs import OWNER_NAME
+from covidseg.splits import get_split
 from covidseg.training import fit
 
 from conftest import REPO, TINY_TRAIN_FLAGS, synthetic_ct, tiny_config, write_nifti, write_tiny_dataset
+
+TRAINING_STUDY = get_split("thesis").train[:1]
+"""A study the runs of these tests train on (the thesis split's first training study)."""
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -232,7 +236,7 @@ def test_resume_on_other_data_is_refused(tiny50, tmp_path, capsys):
     assert main(train_args(tiny50, out)) == 0
     other = tmp_path / "other"
     shutil.copytree(tiny50, other)
-    write_tiny_dataset(other, ids=(257,), shape=(16, 16, 4), registry=False)  # one training study differs
+    write_tiny_dataset(other, ids=TRAINING_STUDY, shape=(16, 16, 4), registry=False)  # one training study differs
     capsys.readouterr()
     before = snapshot(out)
     assert main(train_args(other, out, "--resume", "--epochs", "2")) == EXIT_ERROR
@@ -251,7 +255,7 @@ def test_train_or_reuse_does_not_reuse_a_run_on_other_data(tiny50, tmp_path, cap
     before = snapshot(run)
     other = tmp_path / "other"
     shutil.copytree(tiny50, other)
-    write_tiny_dataset(other, ids=(257,), shape=(16, 16, 4), registry=False)
+    write_tiny_dataset(other, ids=TRAINING_STUDY, shape=(16, 16, 4), registry=False)
     used, _ = notebook.train_or_reuse(config, other, run, progress=False)
     assert used != run and "it was trained with other data" in capsys.readouterr().out
     assert snapshot(run) == before
