@@ -30,17 +30,19 @@ from covidseg.cli import EXIT_ERROR, main
 from covidseg.evaluation import evaluate_run
 from covidseg.errors import CheckpointError, DataError
 from covidseg.models import build_model
-from covidseg.mosmed import REGISTRY_NAME, mask_path, study_path
+from covidseg.mosmed import ANNOTATED_IDS, REGISTRY_NAME, mask_path, study_path
 from covidseg.nifti import load_volume
 from covidseg.preprocessing import check_binary_mask
 from covidseg.prediction import predict_file
+from covidseg.splits import get_split
 from covidseg.training import fit
 
 from conftest import LAS_AFFINE, REPO, TINY_SHAPE, TINY_TRAIN_FLAGS, synthetic_ct, tiny_config, write_nifti
 
 SHAPE = TINY_SHAPE
-TRAIN_ID = 255  # in the thesis split's training part
-TEST_ID = 256  # in its test part
+TRAIN_ID = get_split("thesis").train[0]  # in the thesis split's training part
+TEST_ID = get_split("thesis").test[0]  # in its test part
+TRAIN_REGISTRY_LINE = 2 + ANNOTATED_IDS.index(TRAIN_ID)  # the tiny dataset's registry lists all 50, in order
 CONFIG = tiny_config(max_epochs=1)
 TRAIN_FLAGS = TINY_TRAIN_FLAGS
 
@@ -331,8 +333,8 @@ def _duplicate_study(root: Path) -> Path:
 LAYOUT_DAMAGE = {
     "annotated-mask-missing": (_mask_missing, "mask of an annotated study is missing"),
     "mask-without-study": (_orphan_mask, "mask has no matching study"),
-    "registry-names-missing-study": (_registry_names_missing_study, f"named by {REGISTRY_NAME} line 2 but missing"),
-    "registry-names-missing-mask": (_registry_names_missing_mask, f"named by {REGISTRY_NAME} line 2 but missing"),
+    "registry-names-missing-study": (_registry_names_missing_study, f"named by {REGISTRY_NAME} line {TRAIN_REGISTRY_LINE} but missing"),
+    "registry-names-missing-mask": (_registry_names_missing_mask, f"named by {REGISTRY_NAME} line {TRAIN_REGISTRY_LINE} but missing"),
     "empty-folder": (_empty_folder, "no MosMedData studies found"),
     "no-such-folder": (_no_such_folder, "data folder not found"),
     "a-file": (_a_file, "is a file; give the MosMedData folder"),
