@@ -11,8 +11,6 @@ from __future__ import annotations
 import gzip
 import hashlib
 
-
-
 from covidseg.phantom import PHANTOM_VERSION, generate_study, write_phantom
 
 SIZE = 64
