@@ -10,7 +10,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from covidseg import phantom
+from covidseg.phantom import writing
 from covidseg.errors import DataError
 from covidseg.mosmed import ANNOTATED_IDS, annotated_studies, discover_studies
 from covidseg.nifti import load_volume
@@ -312,7 +312,7 @@ def test_interrupted_write_leaves_nothing(tmp_path, monkeypatch):
             raise KeyboardInterrupt
         return fake(study_id, **kwargs)
 
-    monkeypatch.setattr(phantom, "generate_study", failing)
+    monkeypatch.setattr(writing, "generate_study", failing)
     with pytest.raises(KeyboardInterrupt):
         write_phantom(tmp_path / "out", size=32, progress=False)
     assert list(tmp_path.iterdir()) == []
@@ -331,7 +331,7 @@ def test_default_phantom_dir(monkeypatch, tmp_path):
 
 def test_ensure_phantom_generates_once(monkeypatch, tmp_path):
     calls = []
-    monkeypatch.setattr(phantom, "generate_study", _fake_generate(calls))
+    monkeypatch.setattr(writing, "generate_study", _fake_generate(calls))
     monkeypatch.setenv("COVIDSEG_CACHE", str(tmp_path))
     root = ensure_phantom(size=48, progress=False)
     assert root == tmp_path / f"phantom-v{PHANTOM_VERSION}-48px-seed0" and is_phantom(root)
@@ -353,7 +353,7 @@ def test_ensure_phantom_keeps_a_copy_that_appeared_meanwhile(monkeypatch, tmp_pa
             (root / PHANTOM_MARKER).write_text("theirs")
         return fake(study_id, **kwargs)
 
-    monkeypatch.setattr(phantom, "generate_study", racing)
+    monkeypatch.setattr(writing, "generate_study", racing)
     assert ensure_phantom(size=48, root=root, progress=False) == root
     assert (root / PHANTOM_MARKER).read_text() == "theirs"
     assert sorted(os.listdir(tmp_path)) == ["cache"]

@@ -61,3 +61,15 @@ def test_labels_match_the_recorded_digests():
     for (study_id, category), expected in LABEL_DIGESTS[PHANTOM_VERSION].items():
         labels = generate_study(study_id, size=SIZE, involvement=category, seed=0, return_labels=True)[3]
         assert _digest(labels.tobytes()) == expected, study_id
+
+
+def test_the_code_fingerprint_covers_subpackages(tmp_path, monkeypatch):
+    """Runs are reused by the code's fingerprint: a change inside ``covidseg/phantom/`` counts."""
+    from covidseg import notebook
+
+    (tmp_path / "phantom").mkdir()
+    (tmp_path / "phantom" / "lesions.py").write_text("x = 1\n")
+    monkeypatch.setattr(notebook, "__file__", str(tmp_path / "notebook.py"))
+    before = notebook.code_fingerprint()
+    (tmp_path / "phantom" / "lesions.py").write_text("x = 2\n")
+    assert notebook.code_fingerprint() != before
