@@ -17,25 +17,25 @@ SIZE = 64
 ANNOTATED = (255, 290)
 
 FILE_DIGESTS = {
-    1: {
-        "masks/study_0255_mask.nii.gz": "d378f1939599b29a062a7cacbe7c6799",
-        "masks/study_0290_mask.nii.gz": "421a200b0fe7664d951c471db034e2ce",
-        "studies/CT-0/study_0012.nii.gz": "64071d0a9c05144bd88330e7b1be7bf6",
-        "studies/CT-0/study_0201.nii.gz": "a3cb3de6594c46c04a4893735e8c71e3",
-        "studies/CT-1/study_0255.nii.gz": "85c8f7af32e6b716e2f98f5db10952c5",
-        "studies/CT-1/study_0290.nii.gz": "b559d1a757509fee1b139f3109b03c9d",
-        "studies/CT-2/study_0947.nii.gz": "c40b43e8ac6e9d1ee6edd2220c058e3c",
-        "studies/CT-2/study_1021.nii.gz": "c4241617e175a16b065910b65c858245",
-        "studies/CT-3/study_1071.nii.gz": "2cdf02ddf25a43b4c664e196c655009a",
-        "studies/CT-3/study_1098.nii.gz": "ffe96818ecea2f7ee081b0fbc1bbf665",
-        "studies/CT-4/study_1109.nii.gz": "609f121640553b0f93c6e0ad8b5a88a9",
-        "studies/CT-4/study_1110.nii.gz": "c2c88a9295896f957c98273e98f531e4",
+    2: {
+        "masks/study_0255_mask.nii.gz": "051b5f6eb7ea2c282fe5a197c7c7b064",
+        "masks/study_0290_mask.nii.gz": "1798c3821b819d588b380672e362c5a2",
+        "studies/CT-0/study_0012.nii.gz": "d9c30171728b50f3e96f09f054fb4242",
+        "studies/CT-0/study_0201.nii.gz": "241b3e08a0d32b8cd18c18f2a6928c5d",
+        "studies/CT-1/study_0255.nii.gz": "289b6c4ab9cd57bc355940787f51f60c",
+        "studies/CT-1/study_0290.nii.gz": "48046c10f86e8a4f3209d7c5380d5ebf",
+        "studies/CT-2/study_0947.nii.gz": "a572ba0d221899b27c5ea52972fd4af9",
+        "studies/CT-2/study_1021.nii.gz": "02d49bc3979d4893afbbc37d09e080eb",
+        "studies/CT-3/study_1071.nii.gz": "275a0d087cc2100426772db8837b3ac9",
+        "studies/CT-3/study_1098.nii.gz": "fb1f91132f24071cd65d6a33578313ac",
+        "studies/CT-4/study_1109.nii.gz": "d6618cea04a213bd32c0a21b68db3c7a",
+        "studies/CT-4/study_1110.nii.gz": "f6e7c50648171fdbcfbf45f2d5f76a1c",
     },
 }
 """Per generator version: SHA-256 (first 32 hex digits) of each uncompressed file at 64 px, seed 0."""
 
 LABEL_DIGESTS = {
-    1: {(255, "CT-1"): "5df91d8317ecb2ed8336ddb2ff793375", (1109, "CT-4"): "a839be43b5679bd680f122e27b62c6f9"},
+    2: {(255, "CT-1"): "e3981795f46099eefca4891922b27f24", (1109, "CT-4"): "f3f3bdbd63011dccbdb739cac462b280"},
 }
 """Per generator version: SHA-256 (first 32 hex digits) of label maps at 64 px, seed 0."""
 

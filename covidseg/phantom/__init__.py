@@ -57,6 +57,7 @@ from .constants import (
     GROUND_GLASS,
     CONSOLIDATION,
     HEART,
+    TABLE,
     LUNG_LABELS,
     LESION_LABELS,
 )
@@ -86,6 +87,7 @@ __all__ = [
     "GROUND_GLASS",
     "CONSOLIDATION",
     "HEART",
+    "TABLE",
     "LUNG_LABELS",
     "LESION_LABELS",
     "generate_study",

@@ -10,6 +10,7 @@ from .constants import (
     AIR,
     AIRWAY,
     AIR_HU,
+    ARMS_DOWN_CHANCE,
     BLOOD_HU,
     BONE,
     CANCELLOUS_BONE_HU,
@@ -17,6 +18,7 @@ from .constants import (
     CORTICAL_BONE_HU,
     CSF_HU,
     DISC_HU,
+    FISSURE_HU,
     FAT,
     FAT_HU,
     HEART,
@@ -34,6 +36,9 @@ from .constants import (
     SOFT_TISSUE,
     SPLEEN_HU,
     STOMACH_HU,
+    TABLE,
+    TABLE_CORE_HU,
+    TABLE_SHELL_HU,
 )
 from .geometry import _band, _capsule, _clip01, _ellipse, _profile, _window
 
@@ -43,6 +48,10 @@ LUNG_HEIGHT_MM = (235.0, 285.0)
 BODY_SHAPE_EXPONENT = 2.4  # superellipse of the body outline
 RIB_HALF_HEIGHT_MM = 4.5
 AIRWAY_WALL = 1.45  # squared normalised radius of an airway wall's outer edge
+LOBULATION = 0.07  # depth of the lungs' lobulated border, in squared normalised radius of the cavity
+LOBULATION_WAVES = (3, 5, 8, 13)  # angular frequencies of the lobulation
+FISSURE_HALF_WIDTH_MM = 1.0  # distance along z from a fissure's surface at which its line fades out
+TABLE_LAYERS_MM = (2.5, 32.0, 2.5)  # the table's top shell, foam core and bottom shell
 
 
 @dataclass(frozen=True)
@@ -111,6 +120,9 @@ class _Patient:
     rib_phase: float
     noise_std: float
     origin: tuple
+    arms_down: bool
+    lobulation: tuple  # (amplitude, phase, twist along h) per wave of LOBULATION_WAVES
+    fissures: tuple  # top of the right and left oblique fissures, height of the horizontal one (lung height)
 
     @property
     def a_c(self):  # pleural cavity half-width
@@ -155,6 +167,39 @@ class _Patient:
         by = 0.5 * (self.b_ant + self.b_post)
         r = ((np.abs(X) - 0.45 * self.a_c) / (0.62 * self.a_c)) ** 2 + ((Y + 0.1 * by) / (1.15 * by)) ** 2
         return r < limit * limit
+
+    def pleural_limit(self, X, Y, h):
+        """The lungs' border in the cavity's squared normalised radius: lobulated, between
+        ``1 - LOBULATION`` and 1, changing slowly along the lung height ``h``."""
+        theta = np.arctan2(Y, X)
+        wave = sum(a * np.cos(n * theta + phase + twist * h) for n, (a, phase, twist) in zip(LOBULATION_WAVES, self.lobulation))
+        total = sum(a for a, _, _ in self.lobulation)
+        return 1.0 - LOBULATION * (0.5 + 0.5 * wave / total)
+
+    def oblique_fissure(self, X, Y):
+        """Lung height of the oblique fissures: from high at the back to the diaphragm at the front,
+        each lung its own (the right one, X < 0, and the left one)."""
+        top = np.where(X < 0, self.fissures[0], self.fissures[1])
+        t = np.clip((Y + self.b_post) / (self.b_ant + self.b_post), 0.0, 1.0)
+        lateral = ((np.abs(X) - 0.5 * self.a_c) / (0.5 * self.a_c)) ** 2
+        return top - (top - 0.02) * t + 0.03 * lateral
+
+    def horizontal_fissure(self, X, Y):
+        """Lung height of the right lung's horizontal fissure (a shallow dome)."""
+        r2 = ((X + 0.5 * self.a_c) / (0.7 * self.a_c)) ** 2 + ((Y - 0.2 * self.b_ant) / (0.8 * self.b_ant)) ** 2
+        return self.fissures[2] - 0.06 * r2
+
+    def fissure_lines(self, X, Y, z, dx):
+        """Rise (0..1) of the fissures' lines on the slice at height ``z`` (mm): where the
+        surfaces cross the slice, over a width of about :data:`FISSURE_HALF_WIDTH_MM` (at least
+        most of a pixel ``dx``)."""
+        tol = max(FISSURE_HALF_WIDTH_MM, 0.6 * dx)
+        h = self.h_of_z(z)
+        oblique = self.oblique_fissure(X, Y)
+        d_oblique = np.abs(z - (self.z_base + oblique * self.lung_height))
+        d_horizontal = np.abs(z - (self.z_base + self.horizontal_fissure(X, Y) * self.lung_height))
+        d_horizontal = np.where((X < 0) & (oblique < h), d_horizontal, np.inf)  # right lung, in front of the oblique
+        return _clip01(1.0 - np.minimum(d_oblique, d_horizontal) / tol)
 
     def mediastinum_band(self, X, Y, h):
         """The mediastinum between the lungs: a thin anterior junction, wider behind the heart."""
@@ -252,7 +297,7 @@ class _Patient:
         ``placed`` by :meth:`place_structures` (evaluated only in their windows)."""
         X, Y = xs[:, None], ys[None, :]
         cav = self.cavity(X, Y) if cav is None else cav
-        lung = (cav < 1.0) & self.apex(X, Y, h) & ~self.mediastinum_band(X, Y, h) & (h <= 1.0)
+        lung = (cav < self.pleural_limit(X, Y, h)) & self.apex(X, Y, h) & ~self.mediastinum_band(X, Y, h) & (h <= 1.0)
         if h < max(self.dome_right, self.dome_left):  # the diaphragm is nowhere higher
             lung &= h >= self.diaphragm(X, Y)
         for s, win, d in placed:
@@ -291,11 +336,15 @@ class _Patient:
         paint(wall(1.8 * k), FAT_HU, FAT, 25.0)
         muscle = wall(self.fat)
         paint(muscle, MUSCLE_HU, SOFT_TISSUE, 8.0)
+        if self.arms_down:
+            self._paint_arms(paint, lab, X, Y)
+        self._paint_table(paint, lab, X, Y)
 
         # pleural cavity, filled with mediastinal fat by default; ribs, scapulae and sternum
         cav = self.cavity(X, Y)
         inside = cav < 1.0
         paint(inside, MEDIASTINAL_FAT_HU, FAT, 30.0)
+        paint(inside & (cav >= 1.0 - LOBULATION), MUSCLE_HU, SOFT_TISSUE, 8.0)  # chest wall along the lobulated lungs
         self._paint_ribs(hu, lab, X, Y, z, h, cav, muscle)
         ster = _band(h, 0.08, 1.02, 0.04)
         if ster > 0.05:
@@ -322,6 +371,8 @@ class _Patient:
         dependent = np.clip(0.5 - ys / (self.b_ant + self.b_post), 0.0, 1.0)[None, :]
         hu[lung] = (self.lung_hu + self.lung_gradient * dependent + 12.0 * texture)[lung]
         lab[lung] = LUNG
+        fissure = self.fissure_lines(X, Y, z, float(xs[1] - xs[0]))
+        hu[lung] += (FISSURE_HU * fissure)[lung]
 
         # mediastinal structures and spine, then the airways
         for s, win, d in placed:
@@ -338,6 +389,27 @@ class _Patient:
             hu_w[d < AIRWAY_WALL], lab_w[d < AIRWAY_WALL] = SKIN_HU, SOFT_TISSUE
             hu_w[d < 1.0], lab_w[d < 1.0] = AIR_HU, AIRWAY
         return hu, lab, lung & (lab == LUNG)
+
+    def _paint_arms(self, paint, lab, X, Y):
+        """Upper arms beside the chest: skin and fat, muscle, and the humerus (cortex, fatty marrow)."""
+        k = self.k
+        for side in (-1.0, 1.0):
+            cx, cy = side * (self.width + 10.0 * k + 40.0 * k), -0.15 * self.depth_post
+            free = lab == AIR
+            paint(free & (_ellipse(X, Y, cx, cy, 40.0 * k, 48.0 * k) < 1.0), FAT_HU, FAT)
+            paint(free & (_ellipse(X, Y, cx, cy, 32.0 * k, 40.0 * k) < 1.0), MUSCLE_HU, SOFT_TISSUE)
+            paint(free & (_ellipse(X, Y, cx, cy + 4.0 * k, 11.0 * k, 11.0 * k) < 1.0), CORTICAL_BONE_HU, BONE)
+            paint(free & (_ellipse(X, Y, cx, cy + 4.0 * k, 7.0 * k, 7.0 * k) < 1.0), FAT_HU, BONE)
+
+    def _paint_table(self, paint, lab, X, Y):
+        """The patient table under the back: a concave carbon-fibre shell around a foam core."""
+        half = 1.35 * self.width + (45.0 * self.k if self.arms_down else 0.0)
+        top = -self.depth_post - 3.0 + 30.0 * (X / half) ** 2
+        shell, core, bottom = TABLE_LAYERS_MM
+        depth = top - Y
+        under = (np.abs(X) < half) & (depth >= 0.0) & (lab == AIR)
+        paint(under & (depth < shell + core + bottom), TABLE_SHELL_HU, TABLE)
+        paint(under & (depth >= shell) & (depth < shell + core), TABLE_CORE_HU, TABLE)
 
     def _disc_fraction(self, z):
         """Share of the 8 mm slab taken by an intervertebral disc (6 mm discs every 26 mm)."""
@@ -387,7 +459,8 @@ class _Patient:
 def _draw_patient(rng, n_slices, min_lung_slices):
     """Draw a study's body geometry (always the same draws in the same order)."""
     dx512 = round(float(rng.uniform(*PIXEL_SPACING_512_MM)), 4)
-    fill = rng.uniform(0.80, 0.88)
+    arms_down = bool(rng.random() < ARMS_DOWN_CHANCE)
+    fill = rng.uniform(0.55, 0.62) if arms_down else rng.uniform(0.80, 0.88)  # the arms need room in the field of view
     drawn_slices = int(rng.integers(SLICES_RANGE[0], SLICES_RANGE[1] + 1))
     n = drawn_slices if n_slices is None else int(n_slices)
     width = dx512 * 256.0 * fill
@@ -425,4 +498,7 @@ def _draw_patient(rng, n_slices, min_lung_slices):
         rib_phase=rng.uniform(-6.0, 6.0),
         noise_std=rng.uniform(*NOISE_STD_HU),
         origin=(rng.uniform(-25.0, 25.0), rng.uniform(-10.0, 10.0), -rng.uniform(900.0, 1300.0)),
+        arms_down=arms_down,
+        lobulation=tuple((float(rng.uniform(0.3, 1.0)), float(rng.uniform(0.0, 2 * np.pi)), float(rng.uniform(-3.0, 3.0))) for _ in LOBULATION_WAVES),
+        fissures=(float(rng.uniform(0.72, 0.8)), float(rng.uniform(0.68, 0.76)), float(rng.uniform(0.5, 0.56))),
     )

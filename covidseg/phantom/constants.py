@@ -6,7 +6,7 @@ from __future__ import annotations
 PHANTOM_MARKER = "SYNTHETIC_PHANTOM.txt"
 """File at the root of every phantom folder saying that the data is synthetic."""
 
-PHANTOM_VERSION = 1
+PHANTOM_VERSION = 2
 """Version of the generator's output; part of the cache folder's name, bumped on any change."""
 
 PHANTOM_DESCRIPTION = "covidseg synthetic phantom - not patient data"
@@ -30,13 +30,14 @@ LABEL_NAMES = (
     "ground_glass",
     "consolidation",
     "heart",
+    "table",
 )
 """Classes of the label map returned by ``generate_study(..., return_labels=True)``; a voxel's
 label is its index in this tuple."""
 
-AIR, FAT, SOFT_TISSUE, BONE, LUNG, AIRWAY, LUNG_VESSEL, GROUND_GLASS, CONSOLIDATION, HEART = range(len(LABEL_NAMES))
+AIR, FAT, SOFT_TISSUE, BONE, LUNG, AIRWAY, LUNG_VESSEL, GROUND_GLASS, CONSOLIDATION, HEART, TABLE = range(len(LABEL_NAMES))
 LUNG_LABELS = (LUNG, LUNG_VESSEL, GROUND_GLASS, CONSOLIDATION)
-"""Labels of the lung parenchyma (with its vessels and lesions)."""
+"""Labels of the lung parenchyma (with its vessels, small airways, fissures and lesions)."""
 LESION_LABELS = (GROUND_GLASS, CONSOLIDATION)
 """Labels of the mask: ground-glass opacification and consolidation."""
 
@@ -44,7 +45,12 @@ LESION_LABELS = (GROUND_GLASS, CONSOLIDATION)
 SLICE_SPACING_MM = 8.0
 PIXEL_SPACING_512_MM = (0.6, 0.9)  # in-plane spacing at 512 px, drawn per study
 SLICES_RANGE = (33, 53)  # axial slices of an unannotated study (the real CT-1 range)
-NOISE_STD_HU = (15.0, 25.0)
+NOISE_STD_HU = (15.0, 30.0)  # per-pixel noise SD, drawn per study (see NOISE_GRAIN_MM)
+NOISE_GRAIN_MM = 0.7  # in-plane correlation of the noise (Gaussian sigma), as after filtered back-projection
+NOISE_NEGATIVE_LOBE = 0.6  # weight of the broad blur subtracted from the grain (the ramp filter's band-pass)
+PADDING_VALUES = (-2048, -3024)  # stored outside the reconstruction circle by some scanners
+PADDING_CHANCE = 0.5  # share of studies with a padded reconstruction circle
+ARMS_DOWN_CHANCE = 0.35  # share of studies with the arms beside the chest (else above the head, out of view)
 HU_RANGE = (-1024, 3071)
 MIN_SIZE = 32  # smallest in-plane size in pixels
 
@@ -67,3 +73,6 @@ CORTICAL_BONE_HU = 850.0
 LUNG_HU = (-885.0, -855.0)
 GROUND_GLASS_HU = (-640.0, -420.0)
 CONSOLIDATION_HU = (-70.0, 30.0)
+FISSURE_HU = 300.0  # peak rise over the lung on a fissure's line
+TABLE_SHELL_HU = 250.0  # carbon-fibre shell of the patient table
+TABLE_CORE_HU = -870.0  # its foam core

@@ -11,11 +11,15 @@ from scipy import ndimage
 from ..splits import mask_facts
 from .anatomy import _Patient
 from .constants import CONSOLIDATION_HU, GROUND_GLASS_HU, INVOLVEMENT
+from .geometry import _upsample
 from .vessels import PLANNING_PIXELS, _LungMap
 
 
 LESION_EDGE_IRREGULARITY = (0.22, 0.12)  # log-amplitude of coarse and fine edge modulation
 LESION_SATELLITES = (2, 9)  # range of small patches around each lesion
+LESION_SPECKLE = 0.1  # log-amplitude of the pixel-scale edge modulation that fragments lesions as on real masks
+SPECKLE_PIXELS = 512  # grid of the speckle over the field of view (the real masks' own grid)
+SPECKLE_SIGMA = 0.8  # its correlation, in pixels of that grid
 
 
 @dataclass
@@ -208,3 +212,12 @@ def _render_lesions(pat, lesions, planned, lung3d, xs, ys, irregular, target_vox
             q[np.flatnonzero(on)[q[on].argmin()]] = 0.99
     w = np.exp2(-(q**2))
     return flat, owner, w
+
+
+def _speckle(seed: int, z: int, size: int) -> np.ndarray:
+    """A unit random field at the real masks' pixel scale (:data:`SPECKLE_PIXELS` over the field of
+    view) for slice ``z``, resampled to ``size``: the same field at every size."""
+    rng = np.random.default_rng([seed, z])
+    field = ndimage.gaussian_filter(rng.standard_normal((SPECKLE_PIXELS, SPECKLE_PIXELS), dtype=np.float32), SPECKLE_SIGMA, mode="wrap")
+    field /= field.std() + 1e-12
+    return field if size == SPECKLE_PIXELS else _upsample(field, size)

@@ -6,19 +6,22 @@ import numpy as np
 
 from ..mosmed import ANNOTATED_IDS, CATEGORIES
 from ..splits import mask_facts
+from .acquisition import correlated_noise, draw_padding, outside_circle
 from .anatomy import _draw_patient
 from .constants import (
+    AIR_HU,
     BLOOD_HU,
     CONSOLIDATION,
     GROUND_GLASS,
     HU_RANGE,
     LUNG_VESSEL,
     MIN_SIZE,
+    SKIN_HU,
     SLICE_SPACING_MM,
 )
 from .geometry import _smooth_noise, _smoothstep, _upsample
-from .lesions import LESION_EDGE_IRREGULARITY, _lesion_targets, _plan_lesions, _render_lesions
-from .vessels import VESSEL_STEP_PIXELS, _LungMap, _render_vessels, _sample_vessels, _vessel_tree
+from .lesions import LESION_EDGE_IRREGULARITY, LESION_SPECKLE, _speckle, _lesion_targets, _plan_lesions, _render_lesions
+from .vessels import AIRWAY_WALL_RATIO, VESSEL_STEP_PIXELS, _airway_tree, _LungMap, _render_vessels, _sample_vessels, _vessel_tree
 
 
 def generate_study(
@@ -28,6 +31,7 @@ def generate_study(
     involvement: str = "CT-1",
     seed: int = 0,
     return_labels: bool = False,
+    noise: bool = True,
 ):
     """Generate one synthetic chest-CT study.
 
@@ -43,6 +47,7 @@ def generate_study(
             ``'CT-4'`` (25-50%, 50-75%, over 75% of the lungs).
         seed: The dataset's seed.
         return_labels: Also return the label map (classes :data:`LABEL_NAMES`).
+        noise: Add the scanner's noise (``False`` gives the same study without it, to measure it).
 
     Returns:
         ``(hu, mask, affine)``, plus ``labels`` if ``return_labels``: ``hu`` int16 HU; ``mask``
@@ -81,7 +86,9 @@ def generate_study(
     ys = (coords - pat.cy).astype(np.float32)  # and axis 1
     texture_low = _smooth_noise(body_rng, (32, 32, Z), (1.5, 1.5, 0.8))
     lungs = _LungMap.build(pat)
-    points = _sample_vessels(_vessel_tree(pat, lungs, body_rng), VESSEL_STEP_PIXELS * dx)
+    tree = _vessel_tree(pat, lungs, body_rng)
+    points = _sample_vessels(tree, VESSEL_STEP_PIXELS * dx)
+    bronchi = _sample_vessels(_airway_tree(tree), VESSEL_STEP_PIXELS * dx)
 
     hu = np.empty((size, size, Z), dtype=np.float32)
     labels = np.empty((size, size, Z), dtype=np.uint8)
@@ -101,8 +108,11 @@ def generate_study(
         fine = _smooth_noise(lesion_rng, (64, 64, Z), (1.0, 1.0, 0.5))
         amp_c, amp_f = LESION_EDGE_IRREGULARITY
 
+        speck_seed = int(lesion_rng.integers(2**63))
+
         def irregular(z):  # multiplies the lesions' normalised radius
-            return np.exp(amp_c * _upsample(coarse[:, :, z], size) + amp_f * _upsample(fine[:, :, z], size))
+            speck = _speckle(speck_seed, z, size)
+            return np.exp(amp_c * _upsample(coarse[:, :, z], size) + amp_f * _upsample(fine[:, :, z], size) + LESION_SPECKLE * speck)
 
         target = percent / 100.0 * size * size * Z if share is None else share * lung3d.sum()
         rendered = _render_lesions(pat, lesions, planned, lung3d, xs, ys, irregular, target) if lesions else None
@@ -120,13 +130,24 @@ def generate_study(
             lesion_mask.reshape(-1)[flat[in_mask]] = True
             labels.reshape(-1)[flat[in_mask]] = np.where(c[in_mask] > 0.5, CONSOLIDATION, GROUND_GLASS)
 
+    # bronchi: a soft-tissue wall around an air lumen, then the vessels
+    wall = bronchi.copy()
+    wall[:, 3] *= np.sqrt(AIRWAY_WALL_RATIO)
+    for tube, value in ((wall, SKIN_HU), (bronchi, AIR_HU)):
+        occupancy = _render_vessels(tube, pat, size, dx)
+        occupancy[~lung3d] = 0.0
+        hu += occupancy * (value - hu)
     occupancy = _render_vessels(points, pat, size, dx)
     occupancy[~lung3d] = 0.0
     hu += occupancy * (BLOOD_HU - hu)
     labels[(occupancy > 0.5) & ~lesion_mask & lung3d] = LUNG_VESSEL
 
-    hu += noise_rng.standard_normal(hu.shape, dtype=np.float32) * np.float32(pat.noise_std)
+    padding = draw_padding(noise_rng)
+    if noise:
+        hu += correlated_noise(noise_rng, hu.shape, pat.noise_std, dx)
     hu_int = np.clip(np.rint(hu), *HU_RANGE).astype(np.int16)
+    if padding is not None:
+        hu_int[np.broadcast_to(outside_circle(size), hu_int.shape)] = padding
     mask = lesion_mask.astype(np.int16) if study_id in ANNOTATED_IDS else None
 
     ox, oy, oz = pat.origin

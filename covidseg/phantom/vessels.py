@@ -20,6 +20,9 @@ TREE_ROOTS = (  # (lung height from the carina, Y from the trachea (mm), radius 
 )
 VESSEL_GAIN = 1.6  # partial-volume boost, so that thick vessels reach blood density
 PLANNING_PIXELS = 96  # grid on which vessels grow and lesions are placed, independent of ``size``
+AIRWAY_MIN_ARTERY_MM = 1.1  # the thinnest artery that has a visible bronchus beside it
+AIRWAY_RADIUS_RATIO = 0.8  # a bronchus's lumen radius over its artery's
+AIRWAY_WALL_RATIO = 2.0  # squared outer radius of a bronchus's wall over its lumen's
 LUNG_MAP_STEP_MM = SLICE_SPACING_MM  # vessels are drawn on the nearest slice, and clipped to its lungs
 
 
@@ -65,16 +68,16 @@ def _vessel_tree(pat: _Patient, lungs: _LungMap, rng) -> np.ndarray:
     """Grow a branching pulmonary vessel tree in each lung from its hilum.
 
     Returns:
-        The segments, shape ``(N, 8)``: start (X, Y, z in mm), unit direction, length and
-        radius (mm).
+        The segments, shape ``(N, 9)``: start (X, Y, z in mm), unit direction, length and
+        radius (mm), and the index of the root in :data:`TREE_ROOTS` (0: arteries, 1: veins).
     """
     k = pat.k
     inside = lungs.inside
 
     # all roots grow together, one generation at a time
-    starts, dirs, radii, origin = [], [], [], []
+    starts, dirs, radii, kinds = [], [], [], []
     for side in (-1.0, 1.0):
-        for dh, dy, r_scale, up in TREE_ROOTS:
+        for kind, (dh, dy, r_scale, up) in enumerate(TREE_ROOTS):
             h_root = pat.carina + dh
             root = np.array([side * 34.0 * k, pat.trachea_y(h_root) + dy * k, pat.z_base + h_root * pat.lung_height])
             for _ in range(30):  # step laterally until the root lies in the lung
@@ -87,7 +90,8 @@ def _vessel_tree(pat: _Patient, lungs: _LungMap, rng) -> np.ndarray:
             dirs.append(d / np.linalg.norm(d, axis=1, keepdims=True))
             radii.append(rng.uniform(3.5, 5.0, TREE_TRUNKS) * k * r_scale)
             starts.append(np.repeat(root[None], TREE_TRUNKS, axis=0))
-    starts, dirs, radii = np.concatenate(starts), np.concatenate(dirs), np.concatenate(radii)
+            kinds.append(np.full(TREE_TRUNKS, float(kind)))
+    starts, dirs, radii, kinds = np.concatenate(starts), np.concatenate(dirs), np.concatenate(radii), np.concatenate(kinds)
     origin = starts.copy()
     segments = []
     fractions = np.array([0.5, 1.0])
@@ -98,11 +102,11 @@ def _vessel_tree(pat: _Patient, lungs: _LungMap, rng) -> np.ndarray:
         ok = inside(probe.reshape(-1, 3)).reshape(len(starts), len(fractions))
         kept = np.cumprod(ok, axis=1).sum(axis=1)
         lengths = np.where(kept > 0, lengths * kept / len(fractions), lengths * 0.15)
-        segments.append(np.column_stack([starts, dirs, lengths, radii]))
+        segments.append(np.column_stack([starts, dirs, lengths, radii, kinds]))
         parent = (kept == len(fractions)) & (radii * 0.8 >= VESSEL_MIN_RADIUS_MM)
         if not parent.any():
             break
-        d, r, o = dirs[parent], radii[parent], origin[parent]
+        d, r, o, kind = dirs[parent], radii[parent], origin[parent], kinds[parent]
         ends = starts[parent] + d * lengths[parent, None]
         m = len(r)
         # two children: a straighter thick one and a more divergent thin one, both leaning
@@ -118,10 +122,26 @@ def _vessel_tree(pat: _Patient, lungs: _LungMap, rng) -> np.ndarray:
             new_dirs.append(nd / np.linalg.norm(nd, axis=1, keepdims=True))
             new_radii.append(r * rng.uniform(*ratio, m))
         dirs, radii = np.concatenate(new_dirs), np.concatenate(new_radii)
-        starts, origin = np.concatenate([ends, ends]), np.concatenate([o, o])
+        starts, origin, kinds = np.concatenate([ends, ends]), np.concatenate([o, o]), np.concatenate([kind, kind])
         keep = radii >= VESSEL_MIN_RADIUS_MM
-        starts, dirs, radii, origin = starts[keep], dirs[keep], radii[keep], origin[keep]
+        starts, dirs, radii, origin, kinds = starts[keep], dirs[keep], radii[keep], origin[keep], kinds[keep]
     return np.concatenate(segments)
+
+
+def _airway_tree(segments: np.ndarray) -> np.ndarray:
+    """Bronchi beside the pulmonary arteries (bronchovascular bundles): a tube of
+    :data:`AIRWAY_RADIUS_RATIO` times the artery's radius, alongside each arterial segment at least
+    :data:`AIRWAY_MIN_ARTERY_MM` thick, in the same format as :func:`_vessel_tree`'s segments."""
+    arteries = segments[(segments[:, 8] == 0) & (segments[:, 7] >= AIRWAY_MIN_ARTERY_MM)]
+    d = arteries[:, 3:6]
+    side = np.column_stack([d[:, 1], -d[:, 0], np.zeros(len(d))])
+    side /= np.linalg.norm(side, axis=1, keepdims=True) + 1e-12
+    radius = AIRWAY_RADIUS_RATIO * arteries[:, 7]
+    gap = arteries[:, 7] + np.sqrt(AIRWAY_WALL_RATIO) * radius
+    airways = arteries.copy()
+    airways[:, 0:3] += side * gap[:, None]
+    airways[:, 7] = radius
+    return airways
 
 
 def _sample_vessels(seg: np.ndarray, step: float) -> np.ndarray:
