@@ -18,24 +18,24 @@ ANNOTATED = (255, 290)
 
 FILE_DIGESTS = {
     2: {
-        "masks/study_0255_mask.nii.gz": "051b5f6eb7ea2c282fe5a197c7c7b064",
-        "masks/study_0290_mask.nii.gz": "1798c3821b819d588b380672e362c5a2",
+        "masks/study_0255_mask.nii.gz": "3058b06a12cb76cf9da580f3fcca7e35",
+        "masks/study_0290_mask.nii.gz": "b222384b62bc9d8685a145bc7670cc26",
         "studies/CT-0/study_0012.nii.gz": "d9c30171728b50f3e96f09f054fb4242",
         "studies/CT-0/study_0201.nii.gz": "241b3e08a0d32b8cd18c18f2a6928c5d",
-        "studies/CT-1/study_0255.nii.gz": "289b6c4ab9cd57bc355940787f51f60c",
-        "studies/CT-1/study_0290.nii.gz": "48046c10f86e8a4f3209d7c5380d5ebf",
-        "studies/CT-2/study_0947.nii.gz": "a572ba0d221899b27c5ea52972fd4af9",
-        "studies/CT-2/study_1021.nii.gz": "02d49bc3979d4893afbbc37d09e080eb",
-        "studies/CT-3/study_1071.nii.gz": "275a0d087cc2100426772db8837b3ac9",
-        "studies/CT-3/study_1098.nii.gz": "fb1f91132f24071cd65d6a33578313ac",
-        "studies/CT-4/study_1109.nii.gz": "d6618cea04a213bd32c0a21b68db3c7a",
-        "studies/CT-4/study_1110.nii.gz": "f6e7c50648171fdbcfbf45f2d5f76a1c",
+        "studies/CT-1/study_0255.nii.gz": "66d7300f70d913843e6b8a62d5d39280",
+        "studies/CT-1/study_0290.nii.gz": "12bb84d284c8a1df6e2ee1fd62055b26",
+        "studies/CT-2/study_0947.nii.gz": "b9f95900f9d008af29c8481389ea44b6",
+        "studies/CT-2/study_1021.nii.gz": "af95920ce5e85e429b112aca1f2f466f",
+        "studies/CT-3/study_1071.nii.gz": "f50d4ae8a0c1c605ed041d5470b6434e",
+        "studies/CT-3/study_1098.nii.gz": "71271c6f057e4c4e7bf8f669b4cc30ec",
+        "studies/CT-4/study_1109.nii.gz": "89382f7dd6a2d7aee1dc48657cd5df7d",
+        "studies/CT-4/study_1110.nii.gz": "4b1833c00e7b4a3d092be63b6cce595c",
     },
 }
 """Per generator version: SHA-256 (first 32 hex digits) of each uncompressed file at 64 px, seed 0."""
 
 LABEL_DIGESTS = {
-    2: {(255, "CT-1"): "e3981795f46099eefca4891922b27f24", (1109, "CT-4"): "f3f3bdbd63011dccbdb739cac462b280"},
+    2: {(255, "CT-1"): "69ada524882d54b539538fafd4bb12bb", (1109, "CT-4"): "d73ea9995d8ef11cad402a035cbab311"},
 }
 """Per generator version: SHA-256 (first 32 hex digits) of label maps at 64 px, seed 0."""
 

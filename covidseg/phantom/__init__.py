@@ -19,19 +19,25 @@ What is in it:
 Each study is a simple but plausible chest in Hounsfield units, slice by slice along z: air,
 skin, subcutaneous fat and muscle, ribs sloping around the thorax, sternum, scapulae, a vertebra
 with its disc rhythm, mediastinal fat, heart, aorta, the great vessels, trachea and main
-bronchi, two lungs (about -850 HU) with a tree of pulmonary vessels that thins towards the
-pleura, and the liver dome and stomach under the diaphragm in the lowest slices. Lesions are
-hazy ground-glass patches (about -700..-300 HU) with soft edges, some with a consolidated core
-(about -100..+50 HU), mostly subpleural and posterior, always inside the lungs; the mask is
-ground glass and consolidation together. Partial volume over the 8 mm slab makes thin vessels
-faint and thick ones as dense as consolidation, so a model must tell lesions from vessels by
-their shape, as on real scans.
+bronchi, two lungs (about -850 HU) with lobulated borders and the oblique and horizontal
+fissures, a tree of pulmonary vessels that thins towards the pleura with bronchi (an air lumen in
+a soft-tissue wall) beside its arteries, and the liver dome and stomach under the diaphragm in
+the lowest slices; outside the body, the patient table under the back and, in about a third of
+the studies, the arms beside the chest (:mod:`.anatomy`, :mod:`.vessels`). Lesions are hazy
+ground-glass patches (about -700..-300 HU), some with a consolidated core (about -100..+50 HU),
+mostly subpleural and posterior, always inside the lungs, their edges broken into many small
+pieces so that the masks have the real masks' fragmentation (:mod:`.lesions`,
+:mod:`.calibration`); the mask is ground glass and consolidation together. Partial volume over the
+8 mm slab makes thin vessels faint and thick ones as dense as consolidation, so a model must tell
+lesions from vessels by their shape, as on real scans. The scanner adds noise with the in-plane
+grain of filtered back-projection and, in half of the studies, stores -2048 or -3024 outside the
+reconstruction circle (:mod:`.acquisition`).
 
 Geometry: the volumes are ``int16``, stored in LAS like the real files (affine
 ``diag(-dx, dx, 8)`` plus an offset, qform and sform code 1). ``dx`` is drawn per study in
 0.6..0.9 mm *at 512 pixels*. A smaller ``size`` keeps the chest's physical field of view, so its
-pixels are larger (``dx * 512 / size``): the headers stay truthful, and every anatomical size and
-lesion statistic holds at any ``size``.
+pixels are larger (``dx * 512 / size``): the headers stay truthful, and every anatomical size, the
+lesion burden and the lesion slices hold at any ``size``; the fragmentation is calibrated at 512 px.
 
 Determinism: study ``k`` of seed ``s`` comes from ``np.random.default_rng([s, k])`` alone, so a
 subset of studies is the same as in the full dataset, and the same seed gives byte-identical

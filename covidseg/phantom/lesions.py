@@ -215,9 +215,11 @@ def _render_lesions(pat, lesions, planned, lung3d, xs, ys, irregular, target_vox
 
 
 def _speckle(seed: int, z: int, size: int) -> np.ndarray:
-    """A unit random field at the real masks' pixel scale (:data:`SPECKLE_PIXELS` over the field of
-    view) for slice ``z``, resampled to ``size``: the same field at every size."""
+    """A unit random field for slice ``z`` at the real masks' pixel scale: correlated over
+    :data:`SPECKLE_SIGMA` pixels of a :data:`SPECKLE_PIXELS` grid over the field of view, drawn on
+    the output grid (nearly white at sizes well under 512 px)."""
+    grid = min(size, SPECKLE_PIXELS)
     rng = np.random.default_rng([seed, z])
-    field = ndimage.gaussian_filter(rng.standard_normal((SPECKLE_PIXELS, SPECKLE_PIXELS), dtype=np.float32), SPECKLE_SIGMA, mode="wrap")
+    field = ndimage.gaussian_filter(rng.standard_normal((grid, grid), dtype=np.float32), SPECKLE_SIGMA * grid / SPECKLE_PIXELS, mode="wrap")
     field /= field.std() + 1e-12
-    return field if size == SPECKLE_PIXELS else _upsample(field, size)
+    return field if grid == size else _upsample(field, size)
