@@ -20,7 +20,7 @@ from .constants import (
     SLICE_SPACING_MM,
 )
 from .geometry import _smooth_noise, _smoothstep, _upsample
-from .lesions import LESION_EDGE_IRREGULARITY, LESION_SPECKLE, _speckle, _lesion_targets, _plan_lesions, _render_lesions
+from .lesions import LESION_EDGE_IRREGULARITY, LESION_SPECKLE, _lesion_targets, _plan_lesions, _render_lesions, _speckle
 from .vessels import AIRWAY_WALL_RATIO, VESSEL_STEP_PIXELS, _airway_tree, _LungMap, _render_vessels, _sample_vessels, _vessel_tree
 
 
@@ -107,7 +107,6 @@ def generate_study(
         coarse = _smooth_noise(lesion_rng, (24, 24, Z), (1.2, 1.2, 0.7))
         fine = _smooth_noise(lesion_rng, (64, 64, Z), (1.0, 1.0, 0.5))
         amp_c, amp_f = LESION_EDGE_IRREGULARITY
-
         speck_seed = int(lesion_rng.integers(2**63))
 
         def irregular(z):  # multiplies the lesions' normalised radius
