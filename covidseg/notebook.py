@@ -107,10 +107,11 @@ def run_dir_for(config: TrainConfig, root: str | os.PathLike | None = None) -> P
 
 
 def code_fingerprint() -> str:
-    """A digest of the package's Python sources: runs trained by other code are not reused."""
+    """A digest of the package's Python sources, subpackages included: runs trained by other code are not reused."""
     digest = hashlib.sha256()
-    for path in sorted(Path(__file__).parent.glob("*.py")):
-        digest.update(path.name.encode() + b"\0" + path.read_bytes())
+    package = Path(__file__).parent
+    for path in sorted(package.rglob("*.py")):
+        digest.update(path.relative_to(package).as_posix().encode() + b"\0" + path.read_bytes())
     return digest.hexdigest()[:16]
 
 
