@@ -130,6 +130,8 @@ def main() -> None:
                 runs.append(result)
                 state = "STALL" if result["stalled"] else (result.get("error") or f"{result['seconds']:.1f} s")
                 print(f"round {round_ + 1:2d} {result['chapter']}: {state}", flush=True)
+                for process, dump in result.get("dumps", {}).items():
+                    print(f"--- py-spy dump of the {process}\n{dump}", flush=True)
     finally:
         if load is not None:
             load.kill()
