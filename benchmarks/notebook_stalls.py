@@ -27,6 +27,7 @@ import shutil
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 from _common import REPO, add_results_argument, machine_info, write_results
@@ -41,10 +42,14 @@ ext, timeout, chapters = sys.argv[1], int(sys.argv[2]), [Path(a) for a in sys.ar
 sys.path.insert(0, ext)
 from cell_timeouts import install
 install()
+def started(cell, cell_index):  # so that a stall names its cell
+    print(json.dumps({"cell": cell_index, "source": cell.source.splitlines()[:1]}), flush=True)
+
 for chapter in chapters:  # one after the other in one process, as myst-nb executes a book
     nb = jupytext.read(chapter)
     start = time.perf_counter()
-    result = single_nb_execution(nb, cwd=str(chapter.parent), allow_errors=False, timeout=timeout, meta_override=True)
+    result = single_nb_execution(nb, cwd=str(chapter.parent), allow_errors=False, timeout=timeout,
+                                 meta_override=True, on_cell_start=started)
     error = None
     if result.err is not None:
         lines = str(result.err).strip().splitlines() or [""]
@@ -84,17 +89,21 @@ def execute_in_one_process(chapters: list[Path], stall_after: float, cell_timeou
     threading.Thread(target=lambda: [lines.put(line) for line in child.stdout], daemon=True).start()
     results = []
     for chapter in chapters:
+        cell = None
+        deadline = time.monotonic() + stall_after
         while True:
             try:
-                line = lines.get(timeout=stall_after)
+                line = lines.get(timeout=max(0.0, deadline - time.monotonic()))
             except queue.Empty:
                 kernels = _descendants(child.pid)
                 dumps = {"executor": _dump(child.pid), **{f"kernel-{k}": _dump(k) for k in kernels}}
                 os.killpg(child.pid, 9)
                 child.wait()
-                results.append({"chapter": chapter.name, "stalled": True, "seconds": stall_after, "dumps": dumps})
+                results.append({"chapter": chapter.name, "stalled": True, "seconds": stall_after, "cell": cell, "dumps": dumps})
                 return results
-            if line.startswith("{"):
+            if line.startswith('{"cell"'):
+                cell = json.loads(line)
+            elif line.startswith("{"):
                 break
         results.append({"stalled": False, **json.loads(line)})
     child.wait()
@@ -128,8 +137,10 @@ def main() -> None:
             for result in execute_in_one_process(chapters, args.stall_after, args.timeout, env):
                 result["round"] = round_ + 1
                 runs.append(result)
-                state = "STALL" if result["stalled"] else (result.get("error") or f"{result['seconds']:.1f} s")
+                state = f"STALL in cell {result['cell']}" if result["stalled"] else (result.get("error") or f"{result['seconds']:.1f} s")
                 print(f"round {round_ + 1:2d} {result['chapter']}: {state}", flush=True)
+                for process, dump in result.get("dumps", {}).items():
+                    print(f"--- py-spy dump of the {process}\n{dump}", flush=True)
     finally:
         if load is not None:
             load.kill()
