@@ -239,15 +239,15 @@ def _evaluate(args) -> None:
 
 
 def _predict(args) -> None:
-    from .nifti import check_output_path, load_volume
+    from .nifti import check_new_output, load_volume
     from .prediction import predict_file
 
     # Cheap checks first, so a bad path fails before the model is loaded.
     if not args.run.is_dir():
         raise CheckpointError(args.run, "run folder not found (train one with 'covidseg train')")
-    check_output_path(args.output)
     if args.output.exists() and args.input.exists() and args.output.samefile(args.input):
         raise DataError(args.output, "is the input study; writing the mask there would destroy it")
+    check_new_output(args.output)  # nor over any other file it did not write
     if not args.input.is_file():
         load_volume(args.input)  # raises the DataError that says what the path is instead
     from .severity import check_severity_outputs, report_severity

@@ -89,19 +89,19 @@ def check_output_file(path: str | os.PathLike, example: str, replaceable=None) -
         replaceable: ``path -> bool``; without it, no existing file is replaced.
 
     Raises:
-        CovidsegError: If ``path`` is a folder, lies under a file, or is a file that may not be
+        DataError: If ``path`` is a folder, lies under a file, or is a file that may not be
             replaced; nothing is written.
     """
-    from .errors import CovidsegError
+    from .errors import DataError
 
     path = Path(path)
     if path.is_dir():
-        raise CovidsegError(path, f"is a folder; give a file name such as {example}")
+        raise DataError(path, f"is a folder; give a file name such as {example}")
     parent = next((p for p in path.parents if p.exists()), None)
     if parent is not None and not parent.is_dir():
-        raise CovidsegError(path, f"cannot write here: {parent} is a file, not a folder")
+        raise DataError(path, f"cannot write here: {parent} is a file, not a folder")
     if (path.exists() or path.is_symlink()) and not (path.is_file() and replaceable is not None and replaceable(path)):
-        raise CovidsegError(path, f"already exists and was not written by this command; it is left as it is: "
+        raise DataError(path, f"already exists and was not written by this command; it is left as it is: "
                                   f"give a new file name such as {example}")
     return path
 

@@ -30,6 +30,9 @@ __all__ = [
     "orientation_of",
     "check_same_grid",
     "check_output_path",
+    "check_new_output",
+    "written_by_covidseg",
+    "OUTPUT_DESCRIPTION_PREFIX",
     "write_image_atomically",
 ]
 
@@ -259,6 +262,34 @@ def check_output_path(path: str | os.PathLike) -> Path:
     if parent is not None and not parent.is_dir():
         raise DataError(path, f"cannot write here: {parent} is a file, not a folder")
     return path
+
+
+OUTPUT_DESCRIPTION_PREFIX = "covidseg "
+"""How the ``descrip`` field of every NIfTI file a covidseg command writes begins (masks, lungs)."""
+
+
+def written_by_covidseg(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a NIfTI file a covidseg command wrote (its header's ``descrip`` begins
+    with :data:`OUTPUT_DESCRIPTION_PREFIX`); only the header is read."""
+    try:
+        header = nib.load(os.fspath(path)).header
+        description = bytes(header["descrip"].item()) if "descrip" in header else b""
+    except Exception:  # not NIfTI, unreadable, truncated: not ours
+        return False
+    return description.startswith(OUTPUT_DESCRIPTION_PREFIX.encode())
+
+
+def check_new_output(path: str | os.PathLike, example: str = "mask.nii.gz") -> Path:
+    """Check, before any work is done, that a command may write the NIfTI file ``path``: a usable
+    name (:func:`check_output_path`) where no file lies, or a file an earlier covidseg command
+    wrote (:func:`written_by_covidseg`), never a CT study or any other file of the user's.
+
+    Raises:
+        DataError: Naming ``path`` and the problem; nothing is written.
+    """
+    from .files import check_output_file
+
+    return check_output_file(check_output_path(path), example, written_by_covidseg)
 
 
 def _nifti_suffix(path: Path) -> str:

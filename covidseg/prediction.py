@@ -31,7 +31,7 @@ from .dataset import from_slices, resize_slices, to_slices
 from .devices import resolve_device
 from .errors import CheckpointError
 from .models import build_model
-from .nifti import load_volume, save_volume
+from .nifti import OUTPUT_DESCRIPTION_PREFIX, load_volume, save_volume
 from .preprocessing import check_hu_range, preprocess_hu
 from .roi import lung_box
 
@@ -48,7 +48,7 @@ __all__ = [
 THRESHOLD = 0.5
 """Probability at or above which a voxel is called lesion."""
 
-PREDICTION_DESCRIPTION = "covidseg lesion mask (GGO + consolidation)"
+PREDICTION_DESCRIPTION = OUTPUT_DESCRIPTION_PREFIX + "lesion mask (GGO + consolidation)"
 
 
 def load_trained_model(run_dir: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, TrainConfig]:

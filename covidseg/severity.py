@@ -23,6 +23,8 @@ from .lungs import LEFT, LUNG_METHODS, RIGHT, lung_labels
 from .mosmed import CATEGORIES
 
 __all__ = [
+    "SEVERITY_FORMAT",
+    "is_severity_json",
     "CATEGORY_UPPER_PERCENT",
     "KAPPA_WEIGHTS",
     "Severity",
@@ -37,6 +39,9 @@ __all__ = [
     "check_severity_outputs",
     "report_severity",
 ]
+
+SEVERITY_FORMAT = "covidseg-severity-1"
+"""The ``format`` of the JSON ``covidseg predict --json`` writes; such a file may be replaced."""
 
 CATEGORY_UPPER_PERCENT = {"CT-0": 0.0, "CT-1": 25.0, "CT-2": 50.0, "CT-3": 75.0, "CT-4": 100.0}
 """Upper end of each category's involvement, in percent of the lungs: CT-0 is no involvement,
@@ -169,7 +174,7 @@ def assess_files(
         LungError: If no lungs, or not two, are found.
     """
     from .files import atomic_write
-    from .nifti import check_same_grid, load_volume, save_volume
+    from .nifti import OUTPUT_DESCRIPTION_PREFIX, check_same_grid, load_volume, save_volume
 
     volume = load_volume(study)
     mask = load_volume(lesion_mask)
@@ -177,9 +182,9 @@ def assess_files(
     lungs = lung_labels(volume.array, volume.affine, method, volume.path)
     severity = assess(mask.array, lungs, volume.affine)
     if lungs_out is not None:
-        save_volume(lungs, volume, lungs_out, description=f"covidseg lungs ({method}): 1 right, 2 left")
+        save_volume(lungs, volume, lungs_out, description=f"{OUTPUT_DESCRIPTION_PREFIX}lungs ({method}): 1 right, 2 left")
     if json_out is not None:
-        record = {"study": str(volume.path), "lungs": method, **severity.to_dict()}
+        record = {"format": SEVERITY_FORMAT, "study": str(volume.path), "lungs": method, **severity.to_dict()}
         try:
             with atomic_write(json_out) as handle:
                 handle.write(json.dumps(record, indent=2) + "\n")
@@ -296,7 +301,8 @@ def check_severity_outputs(study, lesion_mask, method: str, lungs_out=None, json
         DataError: For a bad output path.
         LungError, ValueError: As :func:`check_lung_method`.
     """
-    from .nifti import check_output_path
+    from .files import check_output_file
+    from .nifti import check_new_output
 
     check_lung_method(method)
     taken = {Path(study).resolve(), Path(lesion_mask).resolve()}
@@ -308,7 +314,21 @@ def check_severity_outputs(study, lesion_mask, method: str, lungs_out=None, json
         if Path(path).is_dir():
             raise DataError(path, f"{what} is a folder; give a file name")
     if lungs_out is not None:
-        check_output_path(lungs_out)
+        check_new_output(lungs_out, "lungs.nii.gz")
+    if json_out is not None:
+        check_output_file(json_out, "severity.json", is_severity_json)
+
+
+def is_severity_json(path: str | os.PathLike) -> bool:
+    """Whether ``--json`` may replace ``path``: a file ``covidseg predict --json`` wrote (its
+    ``format`` is :data:`SEVERITY_FORMAT`), or an empty JSON object."""
+    try:
+        if Path(path).stat().st_size > 1 << 20:
+            return False
+        value = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        return False
+    return isinstance(value, dict) and (value == {} or value.get("format") == SEVERITY_FORMAT)
 
 
 def report_severity(study, lesion_mask, method: str = "classical", lungs_out=None, json_out=None) -> Severity | None:

@@ -30,11 +30,13 @@ def real_masks() -> Path:
     return REAL_MASKS
 
 
-def write_nifti(path: Path, array: np.ndarray, affine: np.ndarray = LAS_AFFINE) -> Path:
+def write_nifti(path: Path, array: np.ndarray, affine: np.ndarray = LAS_AFFINE, description: str | None = None) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     image = nib.Nifti1Image(array, affine)
     image.set_qform(affine, code=1)
     image.set_sform(affine, code=1)
+    if description is not None:
+        image.header["descrip"] = description.encode()
     nib.save(image, path)
     return path
 

@@ -33,7 +33,7 @@ from covidseg.models import build_model
 from covidseg.mosmed import ANNOTATED_IDS, REGISTRY_NAME, mask_path, study_path
 from covidseg.nifti import load_volume
 from covidseg.preprocessing import check_binary_mask
-from covidseg.prediction import predict_file
+from covidseg.prediction import PREDICTION_DESCRIPTION, predict_file
 from covidseg.splits import get_split
 from covidseg.training import fit
 
@@ -611,8 +611,9 @@ def ct(tmp_path) -> Path:
 
 @pytest.fixture
 def previous_output(tmp_path) -> Path:
-    """A mask written earlier by the user, which a failed predict must leave alone."""
-    return write_nifti(tmp_path / "out" / "mask.nii.gz", np.ones((4, 4, 2), dtype=np.int16))
+    """A mask an earlier predict wrote, which a failed predict must leave alone."""
+    return write_nifti(tmp_path / "out" / "mask.nii.gz", np.ones((4, 4, 2), dtype=np.int16),
+                       description=PREDICTION_DESCRIPTION)
 
 
 @pytest.mark.parametrize("case", sorted(STUDY_DAMAGE))
@@ -808,3 +809,42 @@ def test_the_source_check_would_catch_an_unsafe_load():
     names = [name for _, name in _calls(tree)]
     assert names.count("torch.load") == 2 and "pickle.loads" in names and "eval" in names
     assert "model.eval" in names  # a method named eval is not the builtin
+
+
+# --- predict writes over no file it did not write ---------------------------------------------
+
+
+def _predict_outputs(tmp_path, ct, run, output, *extra):
+    return ["predict", "--run", run, ct, output, "--device", "cpu", *extra]
+
+
+@pytest.mark.parametrize("victim", ["another-study", "a-user-mask", "the-checkpoint-renamed"])
+def test_predict_writes_no_mask_over_a_file_it_did_not_write(victim, ct, run, tmp_path, capsys):
+    (tmp_path / "out").mkdir(exist_ok=True)
+    other = {
+        "another-study": lambda: write_nifti(tmp_path / "in" / "other_ct.nii.gz", synthetic_ct((32, 32, 3), seed=1)[0]),
+        "a-user-mask": lambda: write_nifti(tmp_path / "out" / "expert_mask.nii.gz", np.ones((32, 32, 3), dtype=np.int16)),
+        "the-checkpoint-renamed": lambda: Path(shutil.copy(next(run.glob("*.pt")), tmp_path / "out" / "best.nii.gz")),
+    }[victim]()
+    before = snapshot(tmp_path / "in", tmp_path / "out", run)
+    line = cli_error(capsys, _predict_outputs(tmp_path, ct, run, other))
+    assert_names(line, other, "already exists and was not written by this command; it is left as it is")
+    assert snapshot(tmp_path / "in", tmp_path / "out", run) == before
+
+
+def test_predict_replaces_a_mask_it_wrote(ct, run, previous_output, capsys):
+    assert main(_predict_outputs(None, ct, run, previous_output)) == 0
+    assert load_volume(previous_output).array.shape == load_volume(ct).array.shape
+
+
+@pytest.mark.parametrize("flag, victim", [("--json", "checkpoint"), ("--json", "history.json"), ("--lungs-out", "ct")])
+def test_predict_extra_outputs_write_over_nothing_of_the_user(flag, victim, ct, run, tmp_path, capsys):
+    target = {"ct": ct, "checkpoint": next(run.glob("*.pt"))}.get(victim, run / victim)
+    if not target.exists():
+        target.write_text("[]\n")
+    mask = tmp_path / "out" / "new_mask.nii.gz"
+    before = snapshot(tmp_path / "in", run)
+    line = cli_error(capsys, _predict_outputs(tmp_path, ct, run, mask, flag, target))
+    assert str(target) in line and ("already exists and was not written" in line or "names the study" in line), line
+    assert snapshot(tmp_path / "in", run) == before
+    assert not mask.exists(), "nothing is written when an output is refused"
