@@ -94,6 +94,14 @@ AIRWAY_MIDLINE_MM = 45.0
 FISSURE_GAP_MM = 3.0
 """Air components this close to a lung are lobes of it, cut off by a complete fissure."""
 
+LUNG_MEDIAN_HU = (-950.0, -300.0)
+"""Median HU of an air component that is lung parenchyma (aerated lung about -850, ground glass
+-700..-300), not gas (stomach, bowel, airways: about -1000)."""
+
+MIN_FOOTPRINT_OVERLAP = 0.5
+"""Share of a separated lung-like component's axial footprint that must lie within the footprint of
+the lung on its side for it to join that lung (a part cut off by consolidation filling a slice)."""
+
 MAX_SPLIT_EROSIONS = 12
 """Most erosions (of one voxel each) tried to separate lungs joined at the anterior junction."""
 
@@ -223,7 +231,9 @@ def _segment(hu: np.ndarray, spacing, voxel_ml: float, path) -> tuple[np.ndarray
         second, used = labels == other_side[0], (large[0], other_side[0])
     else:
         (first, second), used = _split(first, midline), (large[0],)
-    first, second = _merge_lobes(labels, [label for label in large if label not in used], first, second, spacing)
+    rest = [label for label in large if label not in used]
+    first, second = _merge_lobes(labels, rest, first, second, spacing)
+    first, second = _merge_cut_off_parts(labels, rest, hu, first, second, midline)
     if min(first.sum(), second.sum()) < MIN_SIDE_FRACTION * max(first.sum(), second.sum()):
         raise LungError(path, "the left and right lungs could not be separated (one side holds under a tenth of the air)")
     first, second = _fill_lesions(first, spacing), _fill_lesions(second, spacing)
@@ -246,6 +256,35 @@ def _merge_lobes(labels: np.ndarray, rest: list[int], first: np.ndarray, second:
                 first = first | part
             else:
                 second = second | part
+    return first, second
+
+
+def _merge_cut_off_parts(labels: np.ndarray, rest: list[int], hu: np.ndarray, first: np.ndarray, second: np.ndarray,
+                         midline: float):
+    """Add to each lung the large air components not yet taken that are lung parenchyma by their
+    density (:data:`LUNG_MEDIAN_HU`) and lie over the lung on their side (:data:`MIN_FOOTPRINT_OVERLAP`
+    of their axial footprint): parts that a consolidation filling whole slices cut off. The
+    closing (:func:`_fill_lesions`) then takes the consolidation between them back in."""
+    if not (first.any() and second.any()):
+        return first, second  # a failed split, reported by the caller
+    sides = [(first, ndimage.center_of_mass(first)[0] < midline), (second, ndimage.center_of_mass(second)[0] < midline)]
+    footprints = [lung.any(axis=2) for lung, _ in sides]
+    for label in rest:
+        part = labels == label
+        if (first & part).any() or (second & part).any():
+            continue
+        median = float(np.median(hu[part]))
+        if not LUNG_MEDIAN_HU[0] <= median <= LUNG_MEDIAN_HU[1]:
+            continue
+        on_left_of_midline = ndimage.center_of_mass(part)[0] < midline
+        footprint = part.any(axis=2)
+        for k, (lung, side) in enumerate(sides):
+            if side == on_left_of_midline and np.count_nonzero(footprint & footprints[k]) >= MIN_FOOTPRINT_OVERLAP * np.count_nonzero(footprint):
+                if k == 0:
+                    first = first | part
+                else:
+                    second = second | part
+                break
     return first, second
 
 

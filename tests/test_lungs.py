@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from covidseg.lungs import LEFT, RIGHT, LungError, lung_labels, segment_lungs
-from covidseg.phantom import LUNG_LABELS, generate_study, phantom_studies
+from covidseg.phantom import AIR, LUNG_LABELS, TABLE, generate_study, phantom_studies
 
 SIZE = 96
 """In-plane size of the phantom studies here: the method works in mm, so the size only sets the cost."""
@@ -72,18 +72,19 @@ def add_padding(hu: np.ndarray, value: int) -> np.ndarray:
     return out
 
 
-def add_table_and_arms(hu: np.ndarray) -> np.ndarray:
-    """A table under the patient with a hollow core, and two arms beside the chest with air between."""
+def add_table_and_arms(hu: np.ndarray, body: np.ndarray) -> np.ndarray:
+    """A table under the patient with a hollow core, and two arms beside the chest with air between,
+    placed from ``body`` (the patient's voxels, without any table the study has already)."""
     out = hu.copy()
     n = hu.shape[0]
-    body_rows = np.nonzero((hu > -500).any(axis=(0, 2)))[0]
+    body_rows = np.nonzero(body.any(axis=(0, 2)))[0]
     bottom = body_rows[0]
-    out[:, max(bottom - 6, 0) : bottom - 1, :] = 300  # table top
-    out[5 : n - 5, max(bottom - 5, 0) : bottom - 2, :] = -1000  # its hollow core
-    body_cols = np.nonzero((hu > -500).any(axis=(1, 2)))[0]
+    out[:, max(bottom - 6, 0) : max(bottom - 1, 0), :] = 300  # table top
+    out[5 : n - 5, max(bottom - 5, 0) : max(bottom - 2, 0), :] = -1000  # its hollow core
+    body_cols = np.nonzero(body.any(axis=(1, 2)))[0]
     mid = (body_rows[0] + body_rows[-1]) // 2
     for col in (body_cols[0] - 8, body_cols[-1] + 3):
-        out[max(col, 0) : col + 5, mid - 10 : mid + 10, :] = 40  # an arm, 2 px of air from the chest
+        out[max(col, 0) : max(col + 5, 0), mid - 10 : mid + 10, :] = 40  # an arm, 2 px of air from the chest
     return out
 
 
@@ -97,7 +98,9 @@ def test_padding_outside_the_reconstruction_circle_is_not_lung(padding):
 
 def test_table_and_arms_are_not_lung():
     hu, affine, truth = study()
-    lungs = segment_lungs(add_table_and_arms(hu), affine)
+    labels = generate_study(947, size=SIZE, involvement="CT-2", return_labels=True)[3]
+    body = ~np.isin(labels, (AIR, TABLE))
+    lungs = segment_lungs(add_table_and_arms(hu, body), affine)
     assert dice(lungs > 0, truth) > 0.95
 
 
