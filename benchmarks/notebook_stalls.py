@@ -124,7 +124,8 @@ def main() -> None:
     chapters = [c.resolve() for c in args.chapters]
     if args.all:
         toc = (REPO / "_toc.yml").read_text().splitlines()
-        chapters += [REPO / f"{line.split(':', 1)[1].strip()}.md" for line in toc if line.strip().startswith(("root:", "- file:"))]
+        listed = [REPO / f"{line.split(':', 1)[1].strip()}.md" for line in toc if line.strip().startswith(("root:", "- file:"))]
+        chapters += [c for c in listed if "kernelspec:" in c.read_text()]  # notebooks, not text pages
     if not chapters:
         parser.error("name --chapters or --all")
     env = {**os.environ, "MPLBACKEND": "Agg", "COVIDSEG_RUNS": os.environ.get("COVIDSEG_RUNS", str(REPO / "book" / "runs")),
