@@ -74,7 +74,14 @@ def _dump(pid: int) -> str:
     if spy is None:
         return "py-spy not on PATH (pip install py-spy): no dump"
     done = subprocess.run([spy, "dump", "--pid", str(pid)], capture_output=True, text=True, timeout=60)
-    return done.stdout + done.stderr
+    return _portable(done.stdout + done.stderr)
+
+
+def _portable(text: str) -> str:
+    """``text`` with this machine's folders replaced by what they are (results are shared)."""
+    for folder, name in ((sys.prefix, "<venv>"), (sys.base_prefix, "<python>"), (str(REPO), "<repository>")):
+        text = text.replace(folder, name)
+    return text
 
 
 def execute_in_one_process(chapters: list[Path], stall_after: float, cell_timeout: int, env: dict) -> list[dict]:
