@@ -4,6 +4,10 @@ and the cache. The whole dataset is written once, at 64 px, for the module."""
 from __future__ import annotations
 
 import os
+import stat
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import nibabel as nib
@@ -39,6 +43,8 @@ from covidseg.phantom import (
     write_phantom,
 )
 from covidseg.splits import get_split, mask_facts, slice_counts
+
+from conftest import REPO
 
 SIZE = 64
 REAL_ID_RANGES = {"CT-0": (1, 254), "CT-2": (939, 1063), "CT-3": (1064, 1108), "CT-4": (1109, 1110)}
@@ -388,3 +394,30 @@ def test_statistics_hold_at_128_px(tmp_path):
     assert slices == 2049
     assert 0.10 <= np.mean(fractions) <= 0.35
     assert 0.30 <= np.mean(shares) <= 0.50
+
+
+def test_a_killed_phantom_writer_leaves_nothing_a_later_run_keeps(tmp_path):
+    """SIGKILL mid-write leaves its hidden folder; the next write into the same parent removes it."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    writer = subprocess.Popen([sys.executable, "-m", "covidseg", "phantom", str(tmp_path / "killed"), "--size", "64"],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    deadline = time.monotonic() + 120
+    while not list(tmp_path.glob(".killed.*.tmp")) and time.monotonic() < deadline and writer.poll() is None:
+        time.sleep(0.05)
+    writer.kill()
+    writer.wait()
+    left = list(tmp_path.glob(".killed.*.tmp"))
+    assert left and not (tmp_path / "killed").exists(), "the writer was killed mid-write"
+    write_phantom(tmp_path / "next", size=32, annotated_ids=(255,), unannotated=False, progress=False)
+    assert not any(p.exists() for p in left), "the next run removed the killed run's folder"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["next"]
+
+
+@pytest.mark.parametrize("umask, mode", [(0o022, 0o755), (0o077, 0o700)])
+def test_phantom_folder_honours_the_umask(umask, mode, tmp_path):
+    old = os.umask(umask)
+    try:
+        write_phantom(tmp_path / "p", size=32, annotated_ids=(255,), unannotated=False, progress=False)
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "p").stat().st_mode) == mode

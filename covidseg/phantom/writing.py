@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import nibabel as nib
@@ -12,6 +11,7 @@ import numpy as np
 
 from .. import __version__
 from ..errors import DataError
+from ..files import remove_stale_temporaries, temporary_name
 from ..mosmed import ANNOTATED_IDS, Study, mask_path, study_path, write_registry
 from ..nifti import write_image_atomically
 from .constants import (
@@ -84,15 +84,20 @@ def _write_into(folder: Path, size, seed, annotated_ids, unannotated, progress) 
 
 
 def _generate_atomically(root: Path, size, seed, annotated_ids, unannotated, progress, reuse: bool):
-    """Write into a hidden sibling folder and rename it to ``root`` at the end."""
+    """Write into a hidden sibling folder and rename it to ``root`` at the end.
+
+    The sibling is named as :func:`covidseg.files.temporary_name` names temporaries (with this
+    process's id), so the next run removes what a killed one left (:func:`remove_stale_temporaries`);
+    it is created with ``mkdir``, so the folder gets the user's umask."""
     try:
         root.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.partial-", dir=root.parent))
+        remove_stale_temporaries(root.parent)
+        tmp = temporary_name(root)
+        os.mkdir(tmp)
     except OSError as exc:
         raise DataError(root, f"cannot write the phantom here ({exc.strerror or exc})") from None
     try:
         studies = _write_into(tmp, size, seed, annotated_ids, unannotated, progress)
-        os.chmod(tmp, 0o755)
         try:
             os.rename(tmp, root)  # atomic; replaces an empty folder, fails on a non-empty one
         except OSError:
