@@ -15,7 +15,7 @@ import numpy as np
 
 from .dataset import SliceDataset
 from .errors import DataError
-from .files import check_output_file, write_json
+from .files import check_output_file, read_json_object, write_json
 from .metrics import evaluate_studies
 from .mosmed import annotated_studies
 from .prediction import THRESHOLD, load_trained_model, predict_probabilities
@@ -125,13 +125,8 @@ def is_report(path: str | os.PathLike) -> bool:
 
     Files larger than 64 MiB are not read (no report is that large).
     """
-    try:
-        if Path(path).stat().st_size > 64 << 20:
-            return False
-        value = json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError):
-        return False
-    if not isinstance(value, dict):
+    value = read_json_object(path)
+    if value is None:
         return False
     return value == {} or value.get("format") == REPORT_FORMAT or "mean_dice" in value or all(key in value for key in _REPORT_KEYS)
 

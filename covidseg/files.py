@@ -30,6 +30,7 @@ __all__ = [
     "install",
     "new_file_mode",
     "open_no_follow",
+    "read_json_object",
     "remove_stale_temporaries",
     "temporary_name",
     "write_json",
@@ -215,6 +216,21 @@ def write_text(path: str | os.PathLike, text: str) -> None:
             handle.write(text)
     except OSError as exc:
         raise DataError(path, f"could not be written ({exc.strerror or exc}); the previous file is kept") from None
+
+
+def read_json_object(path: str | os.PathLike, max_bytes: int = 64 << 20) -> dict | None:
+    """The JSON object in ``path``, or ``None`` if it is absent, unreadable, larger than
+    ``max_bytes``, not JSON, or not an object: what the commands read to recognise their own
+    outputs before replacing them (:func:`check_output_file`)."""
+    import json
+
+    try:
+        if Path(path).stat().st_size > max_bytes:
+            return None
+        value = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        return None
+    return value if isinstance(value, dict) else None
 
 
 def write_json(path: str | os.PathLike, value) -> None:

@@ -10,7 +10,6 @@ lung parenchyma involved: CT-0 none, CT-1 under 25 %, CT-2 25-50 %, CT-3 50-75 %
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 from dataclasses import asdict, dataclass
@@ -173,7 +172,7 @@ def assess_files(
         DataError: For unreadable files or a mask off the study's grid.
         LungError: If no lungs, or not two, are found.
     """
-    from .files import atomic_write
+    from .files import write_json
     from .nifti import OUTPUT_DESCRIPTION_PREFIX, check_same_grid, load_volume, save_volume
 
     volume = load_volume(study)
@@ -184,12 +183,7 @@ def assess_files(
     if lungs_out is not None:
         save_volume(lungs, volume, lungs_out, description=f"{OUTPUT_DESCRIPTION_PREFIX}lungs ({method}): 1 right, 2 left")
     if json_out is not None:
-        record = {"format": SEVERITY_FORMAT, "study": str(volume.path), "lungs": method, **severity.to_dict()}
-        try:
-            with atomic_write(json_out) as handle:
-                handle.write(json.dumps(record, indent=2) + "\n")
-        except OSError as exc:
-            raise DataError(json_out, f"could not be written ({exc.strerror or exc})") from None
+        write_json(json_out, {"format": SEVERITY_FORMAT, "study": str(volume.path), "lungs": method, **severity.to_dict()})
     return severity
 
 
@@ -322,13 +316,10 @@ def check_severity_outputs(study, lesion_mask, method: str, lungs_out=None, json
 def is_severity_json(path: str | os.PathLike) -> bool:
     """Whether ``--json`` may replace ``path``: a file ``covidseg predict --json`` wrote (its
     ``format`` is :data:`SEVERITY_FORMAT`), or an empty JSON object."""
-    try:
-        if Path(path).stat().st_size > 1 << 20:
-            return False
-        value = json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError):
-        return False
-    return isinstance(value, dict) and (value == {} or value.get("format") == SEVERITY_FORMAT)
+    from .files import read_json_object
+
+    value = read_json_object(path, max_bytes=1 << 20)
+    return value is not None and (value == {} or value.get("format") == SEVERITY_FORMAT)
 
 
 def report_severity(study, lesion_mask, method: str = "classical", lungs_out=None, json_out=None) -> Severity | None:
