@@ -48,21 +48,22 @@ from scipy import ndimage
 
 from covidseg.checkpoint import save_checkpoint
 from covidseg.config import get_preset
-from covidseg.dataset import from_slices, resize_slices, to_slices
-from covidseg.metrics import study_scores
+from covidseg.fast_inference import inference_model
+from covidseg.lung_box import LUNG_AIR_BELOW_HU, lung_box
+from covidseg.lungs import BODY_ABOVE_HU
+from covidseg.metrics import THRESHOLD, study_scores
 from covidseg.models import MODEL_NAMES
 from covidseg.nifti import load_volume, save_volume
-from covidseg.prediction import THRESHOLD, fold_batch_norm, load_trained_model, predict_probabilities
-from covidseg.preprocessing import check_hu_range, preprocess_hu
-from covidseg.roi import lung_box
+from covidseg.prediction import load_trained_model, predict_probabilities
+from covidseg.preprocessing import AIR_HU, check_hu_range, hu_to_slices, slices_to_volume, to_slices
 
 TARGET_SECONDS = 10.0
 NAIVE_REFERENCE_SECONDS = 23.0  # naive unet-resnet34, 512x512x40, batch 8, no_grad, 2 cores (issue)
 TRAIN_CROP = 128  # px: crops of 512 px slices the ablation model is trained on
 TRAIN_PHANTOM_IDS = (255, 256, 257)  # the 512 px phantom that data.py --size 512 and memory.py use too
 TRAIN_IDS = (256, 257)  # trained on these; the benchmark predicts study 255
-LUNG_AIR_HU = (-1000.0, -400.0)  # lung parenchyma (and lesion-free air spaces)
-BODY_HU = -500.0  # above: tissue; the body is the filled tissue region
+LUNG_AIR_HU = (AIR_HU, LUNG_AIR_BELOW_HU)  # lung parenchyma (and lesion-free air spaces)
+BODY_HU = BODY_ABOVE_HU  # above: tissue; the body is the filled tissue region
 
 
 # ---------------------------------------------------------------------------------------------
@@ -86,10 +87,8 @@ def naive_predict_file(run_dir, in_path, out_path, batch_size: int = 8) -> float
     model, config = load_trained_model(run_dir, "cpu")
     volume = load_volume(in_path)
     check_hu_range(volume.array, volume.path)
-    slices = to_slices(preprocess_hu(volume.array))
-    native = slices.shape[1:]
-    probabilities = naive_probabilities(model, resize_slices(slices, config.image_size, "bilinear"), batch_size)
-    mask = from_slices((resize_slices(probabilities, native, "bilinear") >= THRESHOLD).astype(np.uint8))
+    probabilities = naive_probabilities(model, hu_to_slices(volume.array, config.image_size), batch_size)
+    mask = (slices_to_volume(probabilities, volume.array.shape) >= THRESHOLD).astype(np.uint8)
     save_volume(mask.astype(np.int16), volume, out_path)
     return float(mask.sum())
 
@@ -218,7 +217,7 @@ def ablation(model, slices, args) -> dict:
     """Each optimisation against the naive forward, interleaved, on ``slices``."""
     base = model.eval()
     nhwc = copy.deepcopy(base).to(memory_format=torch.channels_last)
-    folded = fold_batch_norm(copy.deepcopy(base).eval()).to(memory_format=torch.channels_last)
+    folded = inference_model(base, torch.device("cpu"))  # batch norm folded, channels-last
     variants = {
         "naive (no_grad, NCHW, batch 8)": lambda: naive_probabilities(base, slices, 8),
         "inference_mode": lambda: fast_forward(base, slices, 8, channels_last=False),
@@ -337,13 +336,13 @@ def phases(run: Path, image: Path, batch_size: int) -> dict:
     check_hu_range(volume.array, volume.path)
     out["read + check NIfTI"] = time.perf_counter() - tic
     tic = time.perf_counter()
-    slices = resize_slices(to_slices(preprocess_hu(volume.array)), config.image_size, "bilinear")
+    slices = hu_to_slices(volume.array, config.image_size)
     out["preprocess"] = time.perf_counter() - tic
     tic = time.perf_counter()
     probabilities = predict_probabilities(model, slices, batch_size)
     out["forward"] = time.perf_counter() - tic
     tic = time.perf_counter()
-    mask = from_slices((probabilities >= THRESHOLD).astype(np.uint8))
+    mask = (slices_to_volume(probabilities, volume.array.shape) >= THRESHOLD).astype(np.uint8)
     with tempfile.TemporaryDirectory() as tmp:
         save_volume(mask.astype(np.int16), volume, Path(tmp) / "mask.nii.gz")
     out["threshold + write NIfTI"] = time.perf_counter() - tic
@@ -433,7 +432,7 @@ def main(argv=None) -> dict:
     model, config = load_trained_model(run, "cpu")
     volume = load_volume(image_path)
     truth = load_volume(mask_path).array
-    slices = to_slices(preprocess_hu(volume.array))
+    slices = hu_to_slices(volume.array)
     middle = args.slices // 2  # the middle of the study: lungs and lesions
 
     # 1. ablation

@@ -1,8 +1,9 @@
 """A PyTorch dataset of axial (slice, mask) pairs, built from a list of studies.
 
-Each study is decoded once, preprocessed (:func:`covidseg.preprocessing.preprocess_hu`), optionally
-resized, and kept in memory as one contiguous ``(Z, H, W)`` array; items are views into it, so no
-``.nii.gz`` is decoded per item and only one copy of the preprocessed volumes exists. With
+Each study is decoded once, brought to the model's input by the steps prediction takes too
+(:func:`covidseg.preprocessing.hu_to_slices`, :func:`~covidseg.preprocessing.mask_to_slices`), and
+kept in memory as one contiguous ``(Z, H, W)`` array; items are views into it, so no ``.nii.gz`` is
+decoded per item and only one copy of the preprocessed volumes exists. With
 ``cache_dir`` the preprocessed arrays are also stored as ``.npy`` files and memory-mapped on later
 runs, which skips decoding altogether.
 """
@@ -17,7 +18,6 @@ from typing import Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
@@ -25,9 +25,9 @@ from .mosmed import Study
 from .errors import DataError
 from .files import atomic_write
 from .nifti import check_same_grid, load_volume
-from .preprocessing import check_binary_mask, check_hu_range, preprocess_hu
+from .preprocessing import check_binary_mask, check_hu_range, hu_to_slices, mask_to_slices
 
-__all__ = ["StudySlices", "SliceDataset", "load_study_slices", "to_slices", "from_slices", "resize_slices"]
+__all__ = ["StudySlices", "SliceDataset", "load_study_slices"]
 
 _CACHE_VERSION = 1
 
@@ -48,41 +48,6 @@ class StudySlices:
     masks: np.ndarray | None
 
 
-def to_slices(array: np.ndarray) -> np.ndarray:
-    """``(X, Y, Z)`` volume to a contiguous ``(Z, X, Y)`` stack of axial slices."""
-    return np.ascontiguousarray(np.moveaxis(array, 2, 0))
-
-
-def from_slices(stack: np.ndarray) -> np.ndarray:
-    """Inverse of :func:`to_slices`: ``(Z, X, Y)`` back to ``(X, Y, Z)``."""
-    return np.moveaxis(stack, 0, 2)
-
-
-def resize_slices(stack: np.ndarray, size: int | tuple[int, int], mode: str) -> np.ndarray:
-    """Resize every slice of a ``(Z, H, W)`` stack in-plane.
-
-    Args:
-        stack: The slices.
-        size: Target ``(H, W)``, or one int for a square.
-        mode: ``'bilinear'`` for images and probabilities (anti-aliased when shrinking) or
-            ``'mask'`` for binary masks (area-weighted, then thresholded at 0.5).
-
-    Returns:
-        float32 for ``'bilinear'``, uint8 for ``'mask'``.
-    """
-    size = (size, size) if isinstance(size, int) else tuple(size)
-    if stack.shape[1:] == size:
-        return stack if mode != "mask" else stack.astype(np.uint8, copy=False)
-    tensor = torch.from_numpy(np.ascontiguousarray(stack, dtype=np.float32))[:, None]
-    if mode == "mask":
-        shrink = size[0] < stack.shape[1]
-        out = F.interpolate(tensor, size=size, mode="area" if shrink else "bilinear", align_corners=None if shrink else False)
-        return (out[:, 0].numpy() >= 0.5).astype(np.uint8)
-    shrink = size[0] < stack.shape[1]
-    out = F.interpolate(tensor, size=size, mode="bilinear", align_corners=False, antialias=shrink)
-    return out[:, 0].numpy()
-
-
 def load_study_slices(study: Study, image_size: int | None = None, require_mask: bool = True) -> StudySlices:
     """Decode, check, preprocess and slice one study.
 
@@ -92,18 +57,14 @@ def load_study_slices(study: Study, image_size: int | None = None, require_mask:
     """
     volume = load_volume(study.image)
     check_hu_range(volume.array, study.image)
-    images = to_slices(preprocess_hu(volume.array))
     masks = None
     if study.mask is not None:
         mask = load_volume(study.mask)
         check_same_grid(volume, mask)
-        masks = to_slices(check_binary_mask(mask.array, study.mask))
+        masks = mask_to_slices(check_binary_mask(mask.array, study.mask), image_size)
     elif require_mask:
         raise DataError(study.image, "study has no mask, but an annotated study is required")
-    if image_size is not None:
-        images = resize_slices(images, image_size, "bilinear")
-        masks = None if masks is None else resize_slices(masks, image_size, "mask")
-    return StudySlices(study, images, masks)
+    return StudySlices(study, hu_to_slices(volume.array, image_size), masks)
 
 
 class SliceDataset(Dataset):

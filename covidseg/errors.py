@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from os import PathLike
 
-__all__ = ["CovidsegError", "DataError", "DownloadError", "CheckpointError", "RunFolderError", "RunMismatchError", "TrainingDiverged"]
+__all__ = ["CovidsegError", "DataError", "DownloadError", "CheckpointError", "RunFolderError", "RunMismatchError", "TrainingDiverged", "WeightsUnavailableError"]
 
 
 class CovidsegError(Exception):
@@ -48,3 +48,11 @@ class RunFolderError(CovidsegError):
 
 class TrainingDiverged(CovidsegError):
     """Training produced a non-finite loss or non-finite weights; nothing of that epoch is kept."""
+
+
+class WeightsUnavailableError(CovidsegError):
+    """Pretrained encoder weights that cannot be obtained (offline, not cached) or used.
+
+    The message says how to go on: ``encoder_weights=None`` to train from scratch, or a local
+    weights file or folder (``--encoder-weights PATH`` on the command line).
+    """

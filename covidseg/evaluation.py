@@ -16,10 +16,11 @@ import numpy as np
 from .dataset import SliceDataset
 from .errors import DataError
 from .files import check_output_file, read_json_object, write_json
-from .metrics import evaluate_studies
+from .metrics import THRESHOLD, evaluate_studies
 from .mosmed import annotated_studies
-from .prediction import THRESHOLD, load_trained_model, predict_probabilities
-from .sources import RunCard, resolve_data_dir
+from .prediction import load_trained_model, predict_probabilities
+from .run_card import RunCard
+from .sources import resolve_data_dir
 from .splits import get_split
 
 __all__ = ["REPORT_FORMAT", "evaluate_run", "predict_part", "format_report", "is_report"]

@@ -1,8 +1,8 @@
 """The four segmentation models of the thesis, from one factory.
 
 Every model takes one CT slice as a 1-channel image (HU clipped to [-1000, 1000] and divided by
-1000) and returns one map of logits of the same height and width; ``sigmoid(logits) > 0.5`` is
-the lesion mask.
+1000, :func:`covidseg.preprocessing.hu_to_slices`) and returns one map of logits of the same height
+and width; ``sigmoid(logits) >= 0.5`` (:data:`covidseg.metrics.THRESHOLD`) is the lesion mask.
 
 - ``unet``: the U-Net of Ronneberger et al. (MICCAI 2015), as in thesis ch. 6, trained from
   scratch (:class:`UNet`).
@@ -12,9 +12,9 @@ the lesion mask.
 
 ImageNet weights come from the Hugging Face Hub (smp 0.6 repos ``smp-hub/<encoder>.imagenet``)
 or from the local Hugging Face cache. Offline, and not cached, :func:`build_model` fails at once
-with :class:`WeightsUnavailableError` instead of retrying for half a minute. A local weights
-file or folder can be given instead; its first convolution is adapted from RGB to one channel
-with smp's own rule (see :func:`load_encoder_weights`).
+with :class:`~covidseg.errors.WeightsUnavailableError` instead of retrying for half a minute. A
+local weights file or folder can be given instead; its first convolution is adapted from RGB to
+one channel with smp's own rule (see :func:`load_encoder_weights`).
 """
 
 from __future__ import annotations
@@ -28,13 +28,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .errors import CovidsegError
+from .errors import WeightsUnavailableError
 
 __all__ = [
     "MODEL_NAMES",
     "ENCODERS",
     "UNet",
-    "WeightsUnavailableError",
     "build_model",
     "output_head",
     "LESION_PRIOR",
@@ -64,14 +63,6 @@ WEIGHTS_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")
 WEIGHTS_FILE_NAMES = ("model.safetensors", "pytorch_model.bin")  # looked for in a folder, in order
 _HUB_FILES = ("config.json", "model.safetensors")  # what smp 0.6 downloads for an encoder
 _TRUE_VALUES = {"1", "ON", "YES", "TRUE"}  # as huggingface_hub reads HF_HUB_OFFLINE
-
-
-class WeightsUnavailableError(CovidsegError):
-    """Pretrained encoder weights that cannot be obtained (offline, not cached) or used.
-
-    The message says how to go on: ``encoder_weights=None`` to train from scratch, or a local
-    weights file or folder (``--encoder-weights PATH`` on the command line).
-    """
 
 
 # --------------------------------------------------------------------------------------------

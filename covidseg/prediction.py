@@ -2,51 +2,43 @@
 
 ``covidseg predict`` reads any CT study in HU, resamples its slices to the model's size, predicts,
 resamples the probabilities back, thresholds at 0.5 and writes an int16 mask with the input's
-affine and header geometry, so it overlays the study in ITK-SNAP or 3D Slicer. With
-``--lungs-box`` it predicts only inside the box around the lungs (:mod:`covidseg.roi`): faster, but
-not the same mask, because the networks' receptive fields span the whole slice.
+affine and header geometry, so it overlays the study in ITK-SNAP or 3D Slicer. The way from HU to
+the model's input and back is :mod:`covidseg.preprocessing`'s, the one training takes. With
+``--lungs-box`` it predicts only inside the box around the lungs (:mod:`covidseg.lung_box`): faster,
+but not the same mask, because the networks' receptive fields span the whole slice.
 
 On the CPU, inference runs under ``torch.inference_mode`` on a copy of the model with batch norm
-folded into the convolutions, in channels-last layout (oneDNN's fast convolutions); the masks equal
-those of a plain forward to within float rounding. ``benchmarks/predict.py`` measures each step,
-and the candidates that were rejected: bfloat16 (emulated, and much slower, on CPUs without native
-support), other batch sizes (no consistent gain), and skipping whole slices without lungs (the
-benchmark study has none to skip).
+folded into the convolutions, in channels-last layout: :mod:`covidseg.fast_inference` describes
+these speed-ups and their measured gains.
 """
 
 from __future__ import annotations
 
 import contextlib
-import copy
 import os
 from pathlib import Path
 
 import numpy as np
 import torch
-from torch import nn
 
 from .checkpoint import load_checkpoint
 from .config import TrainConfig
-from .dataset import from_slices, resize_slices, to_slices
 from .devices import resolve_device
 from .errors import CheckpointError
+from .fast_inference import inference_model
+from .lung_box import lung_box
+from .metrics import THRESHOLD
 from .models import build_model
 from .nifti import OUTPUT_DESCRIPTION_PREFIX, load_volume, save_volume
-from .preprocessing import check_hu_range, preprocess_hu
-from .roi import lung_box
+from .preprocessing import check_hu_range, hu_to_slices, slices_to_volume
 
 __all__ = [
-    "THRESHOLD",
     "load_trained_model",
-    "fold_batch_norm",
     "predict_probabilities",
     "predict_study",
     "predict_file",
     "lesion_volume_ml",
 ]
-
-THRESHOLD = 0.5
-"""Probability at or above which a voxel is called lesion."""
 
 PREDICTION_DESCRIPTION = OUTPUT_DESCRIPTION_PREFIX + "lesion mask (GGO + consolidation)"
 
@@ -72,63 +64,6 @@ def load_trained_model(run_dir: str | os.PathLike, device: str | torch.device = 
     return model.to(device).eval(), config
 
 
-def fold_batch_norm(model: torch.nn.Module) -> torch.nn.Module:
-    """Fold, in place, every BatchNorm2d that directly follows a Conv2d into that convolution.
-
-    Pairs are ``nn.Sequential`` neighbours (smp's decoder blocks, MobileNetV2's layers, the
-    U-Net's double convolutions, ResNet's downsampling shortcuts) and torchvision's
-    ``convN``/``bnN`` attributes (ResNet's basic blocks, which apply ``bnN`` right after
-    ``convN``). In eval mode batch norm is an affine map per channel, so the folded convolution
-    computes the same function, to within float rounding, with one pass over memory instead of two
-    (:func:`torch.nn.utils.fusion.fuse_conv_bn_eval`). ``torch.fx.experimental.optimization.fuse``
-    would find the pairs from the traced graph, but it cannot trace :class:`~covidseg.models.UNet`,
-    whose input-size check is Python control flow.
-
-    Args:
-        model: A model in eval mode.
-
-    Returns:
-        ``model``, folded.
-    """
-    from torch.nn.utils.fusion import fuse_conv_bn_eval
-
-    for parent in list(model.modules()):
-        names = list(parent._modules)
-        if isinstance(parent, nn.Sequential):
-            pairs = list(zip(names, names[1:]))
-        else:
-            pairs = [(name, "bn" + name[4:]) for name in names if name.startswith("conv") and "bn" + name[4:] in parent._modules]
-        for conv_name, bn_name in pairs:
-            conv, bn = parent._modules[conv_name], parent._modules[bn_name]
-            if isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d):
-                parent._modules[conv_name] = fuse_conv_bn_eval(conv, bn)
-                parent._modules[bn_name] = nn.Identity()
-    return model
-
-
-def _inference_model(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
-    """The module to run for inference on ``device``: on the CPU, a copy of ``model`` with batch
-    norm folded into the convolutions, in channels-last layout.
-
-    In channels-last (NHWC) layout PyTorch's CPU convolutions use oneDNN's blocked kernels. On a
-    2-core AVX2 machine, a 512 x 512 ResNet34 U-Net ran 1.29x faster than a plain forward in
-    channels-last layout and 1.47x faster with batch norm folded as well, with identical masks
-    (``benchmarks/predict.py``). The copy leaves ``model`` untouched (training may go on with it).
-    On CUDA and MPS, ``model`` itself is returned.
-
-    Args:
-        model: The model, in eval mode, on ``device``.
-        device: Where it runs.
-
-    Returns:
-        A module computing the same function as ``model``.
-    """
-    if device.type != "cpu":
-        return model
-    with torch.no_grad():
-        return fold_batch_norm(copy.deepcopy(model).eval()).to(memory_format=torch.channels_last)
-
-
 def predict_probabilities(
     model: torch.nn.Module,
     images: np.ndarray,
@@ -139,7 +74,7 @@ def predict_probabilities(
     """Lesion probabilities for a stack of preprocessed slices.
 
     Runs under :func:`torch.inference_mode`, in eval mode (restored afterwards), and on the CPU
-    through a channels-last copy of the model (:func:`_inference_model`).
+    through a channels-last copy of the model (:func:`covidseg.fast_inference.inference_model`).
 
     Args:
         model: A model returning one logit map per slice.
@@ -159,7 +94,7 @@ def predict_probabilities(
     was_training = model.training
     model.eval()
     try:
-        runner = _inference_model(model, device)
+        runner = inference_model(model, device)
         memory_format = torch.channels_last if device.type == "cpu" else torch.contiguous_format
         out = np.empty(images.shape, dtype=np.float32)
         autocast = torch.autocast("cuda") if (amp and device.type == "cuda") else contextlib.nullcontext()
@@ -180,7 +115,7 @@ def predict_study(model: torch.nn.Module, hu_volume: np.ndarray, image_size: int
     """Binary lesion mask of a whole study.
 
     With ``lungs_box`` the model runs only on the box around the lungs
-    (:func:`covidseg.roi.lung_box`), with a margin of context, and everything outside it is
+    (:func:`covidseg.lung_box.lung_box`), with a margin of context, and everything outside it is
     background. That is an approximation: a ResNet34 U-Net's deepest features see the whole
     slice, so what lies beyond the box changes predictions inside it. On the 512 x 512 phantom
     study of ``benchmarks/predict.py`` the box is 46 % of the slice; ``covidseg predict`` took
@@ -196,14 +131,11 @@ def predict_study(model: torch.nn.Module, hu_volume: np.ndarray, image_size: int
     Returns:
         uint8 ``(X, Y, Z)`` mask in {0, 1}, on the input's grid.
     """
-    slices = to_slices(preprocess_hu(hu_volume))
-    native = slices.shape[1:]
-    slices = resize_slices(slices, image_size, "bilinear")
+    slices = hu_to_slices(hu_volume, image_size)
     rows, cols = lung_box(slices) if lungs_box else (slice(None), slice(None))
     probabilities = np.zeros(slices.shape, dtype=np.float32)
     probabilities[:, rows, cols] = predict_probabilities(model, slices[:, rows, cols], batch_size)
-    probabilities = resize_slices(probabilities, native, "bilinear")
-    return from_slices((probabilities >= THRESHOLD).astype(np.uint8))
+    return (slices_to_volume(probabilities, hu_volume.shape) >= THRESHOLD).astype(np.uint8)
 
 
 def lesion_volume_ml(mask: np.ndarray, spacing_mm) -> float:

@@ -1,7 +1,19 @@
-"""Hounsfield-unit preprocessing, exactly as the thesis does it (ch. 3.2).
+"""Hounsfield-unit preprocessing, exactly as the thesis does it (ch. 3.2), and its inverse.
 
 CT voxels are clipped to :data:`HU_CLIP` and divided by :data:`HU_SCALE`, giving float32 values
-in [-1, 1]. The functions are pure: they take an array and return a new one.
+in [-1, 1] (:func:`preprocess_hu`). The whole way from a study to what a model sees, and back, is
+written once, here, for training (:func:`covidseg.dataset.load_study_slices`) and prediction
+(:func:`covidseg.prediction.predict_study`) alike:
+
+- :func:`hu_to_slices`: an ``(X, Y, Z)`` volume in HU to float32 ``(Z, H, W)`` model-input slices
+  (preprocessed, then resized in-plane, anti-aliased when shrinking);
+- :func:`mask_to_slices`: a binary ``(X, Y, Z)`` mask to uint8 ``(Z, H, W)`` slices, resized the
+  mask way (area-weighted, then thresholded at 0.5);
+- :func:`slices_to_volume`: ``(Z, H, W)`` probabilities back to the study's ``(X, Y, Z)`` grid.
+
+A threshold written in HU is brought to the units of preprocessed slices by :func:`scale_hu`.
+The functions are pure: they take an array and return a new one (or the input, where there is
+nothing to change).
 """
 
 from __future__ import annotations
@@ -15,7 +27,15 @@ from .errors import DataError
 __all__ = [
     "HU_CLIP",
     "HU_SCALE",
+    "AIR_HU",
     "preprocess_hu",
+    "scale_hu",
+    "to_slices",
+    "from_slices",
+    "resize_slices",
+    "hu_to_slices",
+    "mask_to_slices",
+    "slices_to_volume",
     "check_hu_range",
     "check_binary_mask",
     "NotHounsfieldWarning",
@@ -75,6 +95,104 @@ def preprocess_hu(volume: np.ndarray) -> np.ndarray:
     out = np.clip(np.asarray(volume, dtype=np.float32), *HU_CLIP)
     out /= np.float32(HU_SCALE)
     return out
+
+
+def scale_hu(hu: float) -> float:
+    """A value in Hounsfield units in the units of preprocessed slices: ``hu / HU_SCALE``.
+
+    For thresholds written in HU and applied to preprocessed slices
+    (:data:`covidseg.lung_box.LUNG_AIR_BELOW`); no clipping (:func:`preprocess_hu` clips volumes).
+    """
+    return hu / HU_SCALE
+
+
+def to_slices(array: np.ndarray) -> np.ndarray:
+    """``(X, Y, Z)`` volume to a contiguous ``(Z, X, Y)`` stack of axial slices."""
+    return np.ascontiguousarray(np.moveaxis(array, 2, 0))
+
+
+def from_slices(stack: np.ndarray) -> np.ndarray:
+    """Inverse of :func:`to_slices`: ``(Z, X, Y)`` back to ``(X, Y, Z)`` (a view)."""
+    return np.moveaxis(stack, 0, 2)
+
+
+def resize_slices(stack: np.ndarray, size: int | tuple[int, int], mode: str) -> np.ndarray:
+    """Resize every slice of a ``(Z, H, W)`` stack in-plane.
+
+    Args:
+        stack: The slices.
+        size: Target ``(H, W)``, or one int for a square.
+        mode: ``'bilinear'`` for images and probabilities (anti-aliased when shrinking) or
+            ``'mask'`` for binary masks (area-weighted, then thresholded at 0.5).
+
+    Returns:
+        float32 for ``'bilinear'``, uint8 for ``'mask'``; ``stack`` itself (a mask as uint8) where
+        it already has the size.
+    """
+    size = (size, size) if isinstance(size, int) else tuple(size)
+    if stack.shape[1:] == size:
+        return stack if mode != "mask" else stack.astype(np.uint8, copy=False)
+    import torch  # heavy: only resizing needs it
+    import torch.nn.functional as F
+
+    tensor = torch.from_numpy(np.ascontiguousarray(stack, dtype=np.float32))[:, None]
+    shrink = size[0] < stack.shape[1]
+    if mode == "mask":
+        out = F.interpolate(tensor, size=size, mode="area" if shrink else "bilinear", align_corners=None if shrink else False)
+        return (out[:, 0].numpy() >= 0.5).astype(np.uint8)
+    out = F.interpolate(tensor, size=size, mode="bilinear", align_corners=False, antialias=shrink)
+    return out[:, 0].numpy()
+
+
+def hu_to_slices(hu_volume: np.ndarray, image_size: int | None = None) -> np.ndarray:
+    """A CT volume as the model's input: preprocessed (:func:`preprocess_hu`), sliced axially and
+    resized in-plane to ``image_size`` (bilinear, anti-aliased when shrinking).
+
+    Args:
+        hu_volume: ``(X, Y, Z)`` intensities in HU, in the working orientation
+            (:func:`covidseg.nifti.load_volume`); check them with :func:`check_hu_range` first.
+        image_size: The model's in-plane size; ``None`` keeps the native size.
+
+    Returns:
+        float32 ``(Z, H, W)`` slices in [-1, 1], C-contiguous; slice ``k`` is ``hu_volume[:, :, k]``.
+    """
+    slices = to_slices(preprocess_hu(hu_volume))
+    return slices if image_size is None else resize_slices(slices, image_size, "bilinear")
+
+
+def mask_to_slices(mask: np.ndarray, image_size: int | None = None) -> np.ndarray:
+    """A binary mask on a study's grid as training targets for :func:`hu_to_slices`' slices:
+    sliced axially and resized in-plane the mask way (area-weighted when shrinking, then
+    thresholded at 0.5).
+
+    Args:
+        mask: ``(X, Y, Z)`` in {0, 1} (:func:`check_binary_mask` checks it).
+        image_size: The model's in-plane size; ``None`` keeps the native size.
+
+    Returns:
+        uint8 ``(Z, H, W)`` in {0, 1}.
+    """
+    slices = to_slices(mask)
+    return resize_slices(slices, slices.shape[1:] if image_size is None else image_size, "mask")
+
+
+def slices_to_volume(probabilities: np.ndarray, shape: tuple[int, int, int]) -> np.ndarray:
+    """Inverse of :func:`hu_to_slices` for a model's output: ``(Z, H, W)`` probabilities resized
+    in-plane (bilinear) back to the study's grid.
+
+    Args:
+        probabilities: float32 ``(Z, H, W)``.
+        shape: The study's ``(X, Y, Z)`` shape.
+
+    Returns:
+        float32 ``(X, Y, Z)`` (a view of the resized stack).
+
+    Raises:
+        ValueError: If the stack does not have the study's ``Z`` slices.
+    """
+    if probabilities.shape[0] != shape[2]:
+        raise ValueError(f"{probabilities.shape[0]} slices do not fit a study of shape {tuple(shape)}")
+    return from_slices(resize_slices(probabilities, tuple(shape[:2]), "bilinear"))
 
 
 def check_hu_range(volume: np.ndarray, path=None, strict: bool = True) -> None:

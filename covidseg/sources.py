@@ -2,7 +2,7 @@
 
 ``--data`` (or the ``data`` argument) wins; otherwise ``COVIDSEG_DATA`` names a MosMedData folder;
 otherwise the phantom is generated on first use into a cache folder and reused. Results always say
-which source they were computed on (:class:`RunCard`), so phantom numbers are never mistaken for
+which source they were computed on (:class:`covidseg.run_card.RunCard`), so phantom numbers are never mistaken for
 the thesis'.
 """
 
@@ -10,13 +10,11 @@ from __future__ import annotations
 
 import hashlib
 import os
-import platform
-from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from .phantom import ensure_phantom, is_phantom
 
-__all__ = ["DATA_ENV", "REAL", "PHANTOM", "resolve_data_dir", "data_source", "data_identity", "RunCard"]
+__all__ = ["DATA_ENV", "REAL", "PHANTOM", "resolve_data_dir", "data_source", "data_identity"]
 
 IDENTITY_HEAD_BYTES = 1 << 16
 """Bytes at the start of each study and mask file that :func:`data_identity` digests."""
@@ -71,53 +69,3 @@ def data_identity(studies) -> str:
             digest.update(f"{study.study_id}\0{path.name}\0{path.stat().st_size}\0".encode())
             digest.update(hashlib.sha256(head).digest())
     return digest.hexdigest()[:16]
-
-
-@dataclass(frozen=True)
-class RunCard:
-    """What a result was computed on, printed beside every result.
-
-    Attributes:
-        data: :data:`REAL` or :data:`PHANTOM`.
-        model: The model name.
-        device: Where it ran, e.g. ``'cpu'`` or ``'cuda (NVIDIA T4)'``.
-        epochs: Epochs trained.
-        image_size: In-plane size the model saw.
-        seconds: Wall time of the work reported.
-        preset: The config preset.
-    """
-
-    data: str
-    model: str
-    device: str
-    epochs: int
-    image_size: int
-    seconds: float
-    preset: str = "custom"
-
-    def __str__(self) -> str:
-        warning = "  <- NOT the thesis' data: synthetic images" if self.data == PHANTOM else ""
-        return (
-            f"run card | data: {self.data}{warning}\n"
-            f"         | model: {self.model} | preset: {self.preset} | device: {self.device}\n"
-            f"         | epochs: {self.epochs} | image size: {self.image_size} px | time: {self.seconds:.1f} s"
-            f" | host: {platform.machine()}"
-        )
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def describe(cls, config, data_dir, device, epochs: int, seconds: float) -> RunCard:
-        """The card of work done with ``config`` on ``data_dir`` on ``device`` (a ``torch.device``)."""
-        from .devices import describe_device
-
-        return cls(
-            data=data_source(data_dir),
-            model=config.model,
-            device=describe_device(device),
-            epochs=epochs,
-            image_size=config.image_size,
-            seconds=seconds,
-            preset=config.preset,
-        )

@@ -50,12 +50,13 @@ from .devices import resolve_device
 from .errors import CheckpointError, DataError, RunFolderError, RunMismatchError, TrainingDiverged
 from .files import write_json, write_text
 from .losses import build_loss
-from .metrics import study_scores
+from .metrics import THRESHOLD, study_scores
 from .models import build_model
 from .mosmed import annotated_studies
-from .prediction import THRESHOLD, predict_probabilities
+from .prediction import predict_probabilities
+from .run_card import RunCard
 from .runs import describe_contents, folder_contents, is_run_file, run_lock
-from .sources import RunCard, data_identity, resolve_data_dir
+from .sources import data_identity, resolve_data_dir
 from .splits import get_split
 
 __all__ = ["EarlyStopping", "FitResult", "TrainingInterrupted", "fit", "validation_dice"]

@@ -16,7 +16,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from .preprocessing import HU_SCALE
+from .preprocessing import HU_CLIP, scale_hu
 from .sources import PHANTOM, REAL, data_source
 
 __all__ = [
@@ -36,16 +36,16 @@ __all__ = [
     "architecture_diagram",
 ]
 
-CT_WINDOW = (-1.0, 1.0)
-"""Display range of preprocessed slices (HU / 1000): the whole clipped window, as the model sees it."""
+CT_WINDOW = (scale_hu(HU_CLIP[0]), scale_hu(HU_CLIP[1]))
+"""Display range of preprocessed slices (-1 to 1): the whole clipped window, as the model sees it."""
 
 LUNG_WINDOW_HU = (-1350.0, 150.0)
 """The classic lung window (level -600, width 1500) in HU."""
 
-LUNG_WINDOW = (LUNG_WINDOW_HU[0] / HU_SCALE, LUNG_WINDOW_HU[1] / HU_SCALE)
-"""The lung window in the units of preprocessed slices (HU / :data:`HU_SCALE`). Preprocessing clips
-at -1000 HU, so air shows dark grey rather than black; ground glass (-700 … -300 HU) spans a third
-of the grey scale here, against a fifth in :data:`CT_WINDOW`."""
+LUNG_WINDOW = (scale_hu(LUNG_WINDOW_HU[0]), scale_hu(LUNG_WINDOW_HU[1]))
+"""The lung window in the units of preprocessed slices (:func:`~covidseg.preprocessing.scale_hu`).
+Preprocessing clips at -1000 HU, so air shows dark grey rather than black; ground glass
+(-700 … -300 HU) spans a third of the grey scale here, against a fifth in :data:`CT_WINDOW`."""
 
 TRUTH_COLOUR = (0.10, 0.85, 0.20)
 PREDICTION_COLOUR = (0.95, 0.25, 0.10)
@@ -64,7 +64,7 @@ def data_of(source) -> str:
     """Which data a figure shows: :data:`covidseg.sources.PHANTOM` or :data:`~covidseg.sources.REAL`.
 
     Args:
-        source: What the data came from: a :class:`~covidseg.sources.RunCard` or a report holding
+        source: What the data came from: a :class:`~covidseg.run_card.RunCard` or a report holding
             one (``report["run_card"]``), a chapter setup (anything with a ``source`` attribute),
             the strings ``'synthetic phantom'`` / ``'real MosMedData'``, or a dataset folder (a
             phantom folder holds :data:`covidseg.phantom.PHANTOM_MARKER`).
@@ -287,7 +287,7 @@ def learning_curve(history: Sequence[Mapping], title: str | None = None, best_ep
     return fig
 
 
-def hu_histogram(hu_volume: np.ndarray, clip=(-1000.0, 1000.0), title: str | None = None, *, source):
+def hu_histogram(hu_volume: np.ndarray, clip=HU_CLIP, title: str | None = None, *, source):
     """Histogram of a study's Hounsfield units, with the clipping window marked (``source``: see :func:`data_of`)."""
     import matplotlib.pyplot as plt
 

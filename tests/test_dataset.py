@@ -2,11 +2,11 @@ import numpy as np
 import pytest
 import torch
 
-from covidseg.dataset import SliceDataset, from_slices, resize_slices, to_slices
+from covidseg.dataset import SliceDataset
 from covidseg.errors import DataError
 from covidseg.mosmed import annotated_studies, mask_path
 from covidseg.nifti import load_volume
-from covidseg.preprocessing import preprocess_hu
+from covidseg.preprocessing import from_slices, preprocess_hu, resize_slices, to_slices
 
 from conftest import synthetic_ct, write_nifti
 

@@ -15,13 +15,12 @@ import segmentation_models_pytorch as smp
 import segmentation_models_pytorch.encoders as smp_encoders
 
 from covidseg import models
-from covidseg.errors import CovidsegError
+from covidseg.errors import CovidsegError, WeightsUnavailableError
 from covidseg.models import (
     ENCODERS,
     LESION_PRIOR,
     MODEL_NAMES,
     UNet,
-    WeightsUnavailableError,
     build_model,
     count_parameters,
     output_head,

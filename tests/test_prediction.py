@@ -9,10 +9,11 @@ import numpy as np
 import pytest
 import torch
 
-from covidseg import prediction
+from covidseg import fast_inference, prediction
 from covidseg.config import get_preset
 from covidseg.models import MODEL_NAMES, build_model
-from covidseg.prediction import THRESHOLD, lesion_volume_ml, predict_file, predict_probabilities
+from covidseg.metrics import THRESHOLD
+from covidseg.prediction import lesion_volume_ml, predict_file, predict_probabilities
 
 from conftest import ThresholdModel, synthetic_ct, write_lesion_everywhere_run, write_nifti
 
@@ -60,7 +61,7 @@ def test_batch_norm_is_folded_away_in_every_model(name):
     model = build_model(name, encoder_weights=None, width=4).eval()
     batch_norms = sum(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
 
-    folded = prediction.fold_batch_norm(copy.deepcopy(model))
+    folded = fast_inference.fold_batch_norm(copy.deepcopy(model))
 
     assert batch_norms > 0 or name == "unet-vgg19"  # VGG19's encoder has none; its decoder has
     assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules())
@@ -123,9 +124,9 @@ def test_read_only_slices_are_accepted(recwarn):
 
 def test_with_lungs_box_the_model_runs_on_the_box_and_the_rest_is_background():
     """With ``lungs_box``, a per-pixel model gives the whole-slice mask inside the box, background outside."""
-    from test_roi import chest
+    from test_lung_box import chest
 
-    from covidseg.roi import lung_box
+    from covidseg.lung_box import lung_box
 
     hu = np.round(chest(size=256) * 1000).astype(np.int16)
     hu[:, 120:130, 70:80] = -300  # a lesion in the left lung

@@ -20,7 +20,8 @@ from nibabel import orientations  # noqa: E402
 from covidseg import viz  # noqa: E402
 from covidseg.nifti import load_volume  # noqa: E402
 from covidseg.phantom import PHANTOM_MARKER  # noqa: E402
-from covidseg.sources import PHANTOM, REAL, RunCard  # noqa: E402
+from covidseg.run_card import RunCard  # noqa: E402
+from covidseg.sources import PHANTOM, REAL  # noqa: E402
 
 from conftest import LAS_AFFINE, REPO, write_nifti  # noqa: E402
 

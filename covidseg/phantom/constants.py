@@ -3,6 +3,8 @@ tissue densities (HU)."""
 
 from __future__ import annotations
 
+from ..preprocessing import AIR_HU  # noqa: F401  (-1000 HU by the scale's definition; phantom air too)
+
 PHANTOM_MARKER = "SYNTHETIC_PHANTOM.txt"
 """File at the root of every phantom folder saying that the data is synthetic."""
 
@@ -55,7 +57,7 @@ HU_RANGE = (-1024, 3071)
 MIN_SIZE = 32  # smallest in-plane size in pixels
 
 # --- Tissue densities (HU) ---------------------------------------------------------------------
-AIR_HU = -1000.0
+# AIR_HU: covidseg.preprocessing.AIR_HU, imported above
 FAT_HU = -100.0
 MEDIASTINAL_FAT_HU = -85.0
 SKIN_HU = 30.0

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from covidseg.roi import lung_box
+from covidseg.lung_box import lung_box
 
 
 def chest(size=256, slices=4, lungs=((96, 160, 60, 120), (96, 160, 136, 196))) -> np.ndarray:

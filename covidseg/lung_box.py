@@ -17,10 +17,18 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage
 
-__all__ = ["LUNG_AIR_BELOW", "MARGIN_FRACTION", "lung_box"]
+from .preprocessing import scale_hu
 
-LUNG_AIR_BELOW = -0.4
-"""Preprocessed value (-400 HU) below which a voxel is air or aerated lung."""
+__all__ = ["LUNG_AIR_BELOW_HU", "LUNG_AIR_BELOW", "MARGIN_FRACTION", "lung_box"]
+
+LUNG_AIR_BELOW_HU = -400.0
+"""Hounsfield units below which a voxel counts as air or aerated lung. The threshold lies well above
+aerated lung (about -850 HU) and air (-1000 HU), and well below fat (about -100 HU) and the other
+soft tissues, so that the body wall, fat included, parts the air outside the body from the lungs,
+and partial-volume pixels at the lungs' edge still count as lung."""
+
+LUNG_AIR_BELOW = scale_hu(LUNG_AIR_BELOW_HU)
+""":data:`LUNG_AIR_BELOW_HU` in the units of the preprocessed slices the box is found on (-0.4)."""
 
 MARGIN_FRACTION = 1 / 16
 """Context kept around the lungs, as a fraction of the slice size (32 px at 512 px)."""
