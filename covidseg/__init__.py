@@ -9,7 +9,24 @@ the top level and are imported on first use (a module ``__getattr__``, PEP 562):
     config = covidseg.get_preset("quick")
 
 Everything else lives in the module named for its concept (``covidseg.metrics``,
-``covidseg.nifti``, ...).
+``covidseg.nifti``, ...). Where to find a concept, by file (``covidseg/<file>``) and the names
+that define it::
+
+    HU windowing              preprocessing.py      preprocess_hu, HU_CLIP, hu_to_slices
+    the split                 splits.py             get_split, Split
+    Dice per study            metrics.py            study_scores, evaluate_studies
+    ImageNet weights          models.py             build_model, load_encoder_weights
+    NIfTI orientation         nifti.py              WORKING_ORIENTATION, load_volume
+    early stopping            training.py           EarlyStopping
+    phantom lesions           phantom/lesions.py    _plan_lesions, _render_lesions
+    checkpoint resume         checkpoint.py         save_checkpoint, load_checkpoint
+    bootstrap/paired tests    stats.py              mean_ci, paired_test, holm
+    slice grid                viz.py                slice_grid
+    lung box                  lung_box.py           lung_box
+    download verification     download.py           git_blob_sha1, read_manifest
+    run card                  run_card.py           RunCard
+    Colab setup               colab.py
+    batch-norm folding        fast_inference.py     fold_batch_norm, inference_model
 """
 
 from __future__ import annotations

@@ -411,6 +411,23 @@ def evaluate_studies(
 
     Raises:
         ValueError: If the ids differ, or a prediction's shape differs from its truth's.
+
+    Example::
+
+        >>> import numpy as np
+        >>> from covidseg.metrics import evaluate_studies
+        >>> truth = np.zeros((2, 4, 4), dtype=np.uint8)  # a study of 2 slices of 4 x 4
+        >>> truth[0, :2, :2] = 1  # a lesion of 4 voxels on slice 0; slice 1 has none
+        >>> exact = 0.9 * truth  # probabilities
+        >>> half = exact.copy()
+        >>> half[0, 0, :2] = 0.2  # misses 2 of the 4 lesion voxels
+        >>> report = evaluate_studies({255: exact, 256: half}, {255: truth, 256: truth})
+        >>> print(f"{report['per_study'][256]['dice']:.3f}")  # 2 TP, 0 FP, 2 FN: 2*2 / (2*2 + 2)
+        0.667
+        >>> print(f"mean {report['mean_dice']:.3f}, max {report['max_dice']:.3f}")  # the thesis' "mean / max"
+        mean 0.833, max 1.000
+        >>> print(f"per slice: {report['per_slice_dice_one']:.3f} with empty slices, {report['per_slice_dice_skip']:.3f} without")
+        per slice: 0.917 with empty slices, 0.833 without
     """
     _check_policy(empty)
     if not truths:

@@ -186,6 +186,19 @@ def build_model(name: str, encoder_weights: str | os.PathLike | None = "imagenet
         ValueError: If ``name`` is not one of :data:`MODEL_NAMES` (the message lists them).
         WeightsUnavailableError: If ImageNet weights are neither cached nor downloadable (the
             check takes at most a few seconds), or a weights file is missing or unusable.
+
+    Example::
+
+        >>> import torch
+        >>> from covidseg.models import build_model, count_parameters
+        >>> model = build_model("unet-resnet34", encoder_weights=None)  # random weights, no download
+        >>> count_parameters(model)  # the thesis' 24.4 M
+        24430097
+        >>> slices = torch.zeros(2, 1, 64, 64)  # 2 preprocessed slices (HU / 1000) of 64 x 64
+        >>> with torch.no_grad():
+        ...     logits = model.eval()(slices)
+        >>> logits.shape  # one logit map per slice
+        torch.Size([2, 1, 64, 64])
     """
     if name not in MODEL_NAMES:
         raise ValueError(f"unknown model {name!r}; valid names: {', '.join(MODEL_NAMES)}")

@@ -166,6 +166,13 @@ def predict_file(run_dir: str | os.PathLike, in_path: str | os.PathLike, out_pat
     Raises:
         DataError: For an unreadable or non-HU input, or an unwritable output.
         CheckpointError: For a bad run.
+
+    Example::
+
+        >>> from covidseg.prediction import predict_file
+        >>> # runs/resnet34: a run of `covidseg train --model unet-resnet34 --out runs/resnet34`
+        >>> ml = predict_file("runs/resnet34", "study_0255.nii.gz", "study_0255_lesions.nii.gz")  # doctest: +SKIP
+        >>> print(f"lesions: {ml:.1f} mL")  # doctest: +SKIP
     """
     model, config = load_trained_model(run_dir, device)
     volume = load_volume(in_path)

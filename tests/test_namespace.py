@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import ast
 import importlib
 import json
+import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -40,3 +43,54 @@ def test_entry_point_is_the_module_attribute(name):
 def test_unknown_name_is_an_attribute_error():
     with pytest.raises(AttributeError, match="no attribute 'build_modle'"):
         covidseg.build_modle  # noqa: B018
+
+
+CONCEPTS = {
+    "HU windowing", "the split", "Dice per study", "ImageNet weights", "NIfTI orientation", "early stopping",
+    "phantom lesions", "checkpoint resume", "bootstrap/paired tests", "slice grid", "lung box",
+    "download verification", "run card", "Colab setup", "batch-norm folding",
+}
+"""The concepts a newcomer looks for first: each must be listed in the package docstring."""
+
+PACKAGE = Path(covidseg.__file__).parent
+
+
+def concept_map() -> dict[str, tuple[str, list[str]]]:
+    """The package docstring's table: concept -> (file, names defined there)."""
+    table = re.search(r"define\s+it::\n\n((?: {4}.*\n)+)", covidseg.__doc__)
+    assert table, "the package docstring has no concept table"
+    rows = {}
+    for line in table.group(1).splitlines():
+        concept, file, *names = re.split(r"\s{2,}", line.strip())
+        rows[concept] = (file, [n.strip() for n in names[0].split(",")] if names else [])
+    return rows
+
+
+def top_level_names(path: Path) -> set[str]:
+    """Names a module defines at top level (functions, classes, assignments; not imports), read
+    without importing it."""
+    names = set()
+    for node in ast.parse(path.read_text(encoding="utf-8")).body:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            names.add(node.name)
+        elif isinstance(node, (ast.Assign, ast.AnnAssign)):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            names.update(t.id for t in targets if isinstance(t, ast.Name))
+    return names
+
+
+def test_the_docstring_lists_every_concept_once():
+    assert set(concept_map()) == CONCEPTS
+
+
+@pytest.mark.parametrize("concept", sorted(CONCEPTS))
+def test_each_concept_lives_where_the_docstring_says(concept):
+    file, names = concept_map()[concept]
+    path = PACKAGE / file
+    if concept == "Colab setup" and not path.exists():
+        # covidseg/colab.py is being written on another branch; remove this skip once it is merged.
+        pytest.skip("covidseg/colab.py not merged yet")
+    assert path.is_file(), f"{concept}: covidseg/{file} does not exist"
+    assert names or concept == "Colab setup", f"{concept}: no name listed"
+    missing = [name for name in names if name not in top_level_names(path)]
+    assert not missing, f"{concept}: covidseg/{file} does not define {missing}"
