@@ -8,7 +8,7 @@ it gets its final name, so a folder filled by :func:`download` only ever holds i
 The download is resumable and safe to repeat: a file already present and verified is not fetched
 again, a ``.part`` file left by an interrupted run is continued with an HTTP ``Range`` request,
 transient network errors are retried with exponential backoff, and concurrent runs into the same
-folder take turns through a lock file.
+folder take turns through a lock file (:func:`covidseg.runs.folder_lock`).
 
 It is bounded, too: a file is refused as soon as it grows past its size in the manifest (or, where
 the manifest has none, :data:`MAX_UNKNOWN_SIZE_BYTES`); a server that sends nothing for ``timeout``
@@ -35,7 +35,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from importlib import resources
 from pathlib import Path
 
@@ -45,11 +45,7 @@ from . import __version__
 from .errors import DataError, DownloadError
 from .files import install, open_no_follow
 from .mosmed import ANNOTATED_IDS, REGISTRY_NAME, Study, discover_studies, mask_path, study_path, write_registry
-
-try:  # POSIX only; elsewhere concurrent runs are not serialised
-    import fcntl
-except ImportError:  # pragma: no cover - Windows
-    fcntl = None
+from .runs import folder_lock
 
 __all__ = [
     "fetch_files",
@@ -106,7 +102,9 @@ the file) made no progress: it counts towards ``retries``, so a server sending a
 connection is given up on."""
 
 LOCK_NAME = ".covidseg-download.lock"
-"""Lock file taken (``fcntl.flock``) in the output folder while a download runs."""
+"""Lock file held (:func:`covidseg.runs.folder_lock`) in the output folder while a download runs;
+``.covidseg-download.owner`` names the holder meanwhile. A download that fails having written
+nothing removes it again (and the folder, if it made it)."""
 
 PART_SUFFIX = ".part"
 """Suffix of a file being downloaded; it is renamed to its final name once verified."""
@@ -252,7 +250,9 @@ def download(
     with ``Range: bytes=N-`` (from zero when the server ignores the range). Connection errors,
     timeouts, incomplete reads and HTTP 5xx/408/429 are retried ``retries`` times with waits of
     ``backoff * 2**k`` seconds, resuming from the bytes already received. Concurrent runs into
-    the same folder wait for each other (``fcntl.flock`` on ``out/.covidseg-download.lock``).
+    the same folder wait for each other (:func:`covidseg.runs.folder_lock` on
+    ``out/.covidseg-download.lock``; the one waiting logs a warning naming the folder and the
+    process that holds it). A run that fails before writing anything leaves nothing behind.
 
     Bounds: a file is refused once it passes its size (from ``sizes``, else ``max_bytes``), and at
     once when the server announces more (``Content-Length``, ``Content-Range``); a read that waits
@@ -350,6 +350,7 @@ def fetch_files(
     if retries < 0 or backoff < 0 or timeout <= 0 or max_bytes <= 0 or min_speed < 0 or stall_seconds <= 0:
         raise ValueError(f"need retries >= 0, backoff >= 0, timeout > 0, max_bytes > 0, min_speed >= 0 and "
                          f"stall_seconds > 0, got {retries}, {backoff}, {timeout}, {max_bytes}, {min_speed}, {stall_seconds}")
+    created = not out.exists()
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -360,7 +361,15 @@ def fetch_files(
         _refuse_links(target)
     fetcher = _Fetcher(None, retries, backoff, timeout, progress, min_speed, stall_seconds)
     files = []
-    with _exclusive_lock(out / LOCK_NAME):
+
+    def wait(holder: str) -> None:
+        logger.warning("%s: another download into this folder is running (%s); waiting for it", out, holder)
+
+    with contextlib.ExitStack() as held:
+        try:
+            held.enter_context(folder_lock(out, LOCK_NAME, wait, created=created))
+        except OSError as exc:
+            raise DownloadError(out / LOCK_NAME, _write_problem(exc, "cannot create the lock file")) from None
         with tqdm(total=len(paths), unit="file", desc=desc, disable=not progress) as bar:
             for path in paths:
                 limit = _Limit(sizes[path], True) if path in sizes else _Limit(max_bytes, False)
@@ -435,10 +444,6 @@ class _Fetcher:
             logger.warning("%s: damaged (SHA-1 %s, expected %s); deleting it and downloading it again",
                            target, actual, sha1)
             _remove(target)
-        try:
-            target.parent.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise DownloadError(target.parent, f"cannot create the folder ({_reason(exc)})") from None
         self._fetch(url, part, target, sha1, limit)
         try:
             install(part, target)
@@ -572,6 +577,10 @@ class _Fetcher:
         """Write the body to ``part`` (appending at ``offset``) as it arrives; return the number of
         bytes received."""
         received = 0
+        try:  # made only now, so that a download that fails before its first byte leaves nothing
+            part.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise DownloadError(part.parent, f"cannot create the folder ({_reason(exc)})") from None
         try:
             handle = open_no_follow(part, "ab" if offset else "wb")
         except OSError as exc:
@@ -611,28 +620,6 @@ class _Fetcher:
             except OSError as exc:
                 raise DownloadError(part, f"cannot write ({_reason(exc)})") from None
         return received
-
-
-@contextlib.contextmanager
-def _exclusive_lock(path: Path) -> Iterator[None]:
-    """Hold an exclusive ``flock`` on ``path`` (waiting for other holders) for the ``with`` body."""
-    if fcntl is None:  # pragma: no cover - Windows
-        yield
-        return
-    try:
-        handle = open_no_follow(path, "a")
-    except OSError as exc:
-        raise DownloadError(path, _write_problem(exc, "cannot create the lock file")) from None
-    with handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            logger.warning("%s: another download into this folder is running; waiting for it", path.parent)
-            fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def _update_registry(out: Path, fetched: list[Study]) -> Path:

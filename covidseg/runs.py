@@ -5,14 +5,18 @@ that covidseg writes. A new run needs a new or empty folder, so that no file of 
 the user, is ever written over; ``--resume`` needs a folder holding a resumable run. While a run
 trains, it holds an exclusive lock on the folder (:func:`run_lock`, with ``filelock``): a second
 ``covidseg train`` into the same folder is refused at once, naming the process that holds it.
+
+:func:`folder_lock` is that lock for any folder covidseg writes into: the dataset folder of
+``covidseg download`` takes it too (there a second run waits for the first instead).
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import socket
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from filelock import FileLock, Timeout
@@ -20,7 +24,7 @@ from filelock import FileLock, Timeout
 from .errors import RunFolderError
 from .files import atomic_write, remove_stale_temporaries
 
-__all__ = ["RUN_FILES", "LOCK_NAME", "OWNER_NAME", "is_run_file", "folder_contents", "run_lock"]
+__all__ = ["RUN_FILES", "LOCK_NAME", "OWNER_NAME", "is_run_file", "folder_contents", "folder_lock", "run_lock"]
 
 RUN_FILES = ("config.json", "last.pt", "best.pt", "history.csv", "history.json", "finished.json")
 """The files of a run (and ``<part>-scores.json``, see :func:`is_run_file`)."""
@@ -28,8 +32,12 @@ RUN_FILES = ("config.json", "last.pt", "best.pt", "history.csv", "history.json",
 LOCK_NAME = ".covidseg.lock"
 """The lock file of a run folder (kept after the run: removing it could let two writers in)."""
 
-OWNER_NAME = ".covidseg.owner"
-"""Names the process that holds the lock (process id and host), while it holds it."""
+OWNER_SUFFIX = ".owner"
+"""A lock file ``NAME.lock`` has a companion ``NAME.owner`` naming its holder (process id and
+host) while it is held."""
+
+OWNER_NAME = Path(LOCK_NAME).with_suffix(OWNER_SUFFIX).name
+"""Names the process that holds a run folder's lock: ``.covidseg.owner``."""
 
 
 def is_run_file(name: str) -> bool:
@@ -37,12 +45,14 @@ def is_run_file(name: str) -> bool:
     return name in RUN_FILES or (name.endswith("-scores.json") and name.count("-") == 1)
 
 
-def folder_contents(folder: str | os.PathLike) -> list[str]:
-    """The sorted names in ``folder`` other than its lock files (none if it does not exist)."""
+def folder_contents(folder: str | os.PathLike, lock_name: str = LOCK_NAME) -> list[str]:
+    """The sorted names in ``folder`` other than the lock file ``lock_name`` and its owner file
+    (none if the folder does not exist)."""
     folder = Path(folder)
     if not folder.is_dir():
         return []
-    return sorted(p.name for p in folder.iterdir() if p.name not in (LOCK_NAME, OWNER_NAME))
+    ours = (lock_name, Path(lock_name).with_suffix(OWNER_SUFFIX).name)
+    return sorted(p.name for p in folder.iterdir() if p.name not in ours)
 
 
 def _listing(names: list[str], limit: int = 4) -> str:
@@ -57,12 +67,72 @@ def describe_contents(names: list[str]) -> str:
 
 
 @contextlib.contextmanager
+def folder_lock(folder: str | os.PathLike, name: str, on_busy: Callable[[str], object],
+                created: bool = False) -> Iterator[None]:
+    """Hold ``folder/name`` (an exclusive ``filelock.FileLock``) while the block runs.
+
+    While it is held, ``name`` with the suffix :data:`OWNER_SUFFIX` names the holder (``pid N on
+    HOST``), and stale temporary files of killed writers have been removed from ``folder``. If
+    another process holds the lock, ``on_busy(holder)`` is called first with that description: it
+    raises to refuse at once, or returns to wait until the lock is free. The lock file is never
+    opened through a symbolic link.
+
+    The lock file stays after a block that changed the folder (removing it could let two writers
+    in). If the block fails having changed nothing in ``folder``, the lock file this call created
+    is removed again, and so is ``folder`` when ``created`` says the caller created it for this
+    block: a failed first attempt leaves nothing behind.
+
+    Args:
+        folder: An existing folder.
+        name: The lock file's name in it, e.g. :data:`LOCK_NAME`.
+        on_busy: Called with the holder's description when the lock is taken.
+        created: Whether the caller created ``folder`` for this block.
+
+    Raises:
+        OSError: If the lock file cannot be created or opened (``errno.ELOOP`` for a symbolic
+            link), or whatever ``on_busy`` raises.
+    """
+    folder = Path(folder)
+    lock_path = folder / name
+    owner = lock_path.with_suffix(OWNER_SUFFIX)
+    if lock_path.is_symlink():  # checked here too: filelock before 4.0 opens the path as given
+        raise OSError(errno.ELOOP, os.strerror(errno.ELOOP), str(lock_path))
+    new_lock = not lock_path.exists()
+    lock = FileLock(lock_path)
+    try:
+        lock.acquire(blocking=False)
+    except Timeout:
+        on_busy(_holder(owner))
+        lock.acquire()
+    failed, before = False, folder_contents(folder, name)
+    try:
+        with contextlib.suppress(OSError), atomic_write(owner) as handle:  # only for the message
+            handle.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+        remove_stale_temporaries(folder)
+        yield
+    except BaseException:
+        failed = True
+        raise
+    finally:
+        with contextlib.suppress(OSError):
+            owner.unlink()
+        lock.release()
+        if failed and new_lock:
+            with contextlib.suppress(OSError):  # a block that failed before writing anything leaves nothing
+                if folder_contents(folder, name) == before:
+                    lock_path.unlink()
+                    if created:
+                        folder.rmdir()
+
+
+@contextlib.contextmanager
 def run_lock(run_dir: str | os.PathLike) -> Iterator[bool]:
-    """Hold the run folder's lock while the block runs; yield whether the folder was created.
+    """Hold the run folder's lock (:func:`folder_lock`) while the block runs; yield whether the
+    folder was created.
 
     The folder is created if missing; if the block fails before a run file is written, the lock
-    file (and the folder) this call created are removed again. Stale temporary files of killed writers are
-    removed once the lock is held.
+    file (and the folder) this call created are removed again. Stale temporary files of killed
+    writers are removed once the lock is held.
 
     Raises:
         RunFolderError: If another process holds the lock (the message names it).
@@ -71,35 +141,17 @@ def run_lock(run_dir: str | os.PathLike) -> Iterator[bool]:
     run_dir = Path(run_dir)
     created = not run_dir.exists()
     run_dir.mkdir(parents=True, exist_ok=True)
-    new_lock = not (run_dir / LOCK_NAME).exists()
-    lock = FileLock(run_dir / LOCK_NAME, timeout=0)
-    try:
-        lock.acquire()
-    except Timeout:
-        raise RunFolderError(run_dir, f"another covidseg process is writing this run folder ({_owner(run_dir)}); "
-                                      "wait for it to finish or choose another --out") from None
-    failed, before = False, folder_contents(run_dir)
-    try:
-        with contextlib.suppress(OSError), atomic_write(run_dir / OWNER_NAME) as handle:  # only for the message
-            handle.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
-        remove_stale_temporaries(run_dir)
+
+    def refuse(holder: str):
+        raise RunFolderError(run_dir, f"another covidseg process is writing this run folder ({holder}); "
+                                      "wait for it to finish or choose another --out")
+
+    with folder_lock(run_dir, LOCK_NAME, refuse, created=created):
         yield created
-    except BaseException:
-        failed = True
-        raise
-    finally:
-        with contextlib.suppress(OSError):
-            (run_dir / OWNER_NAME).unlink()
-        lock.release()
-        if failed and new_lock and folder_contents(run_dir) == before:
-            with contextlib.suppress(OSError):  # a run that failed before writing anything leaves nothing
-                (run_dir / LOCK_NAME).unlink()
-                if created:
-                    run_dir.rmdir()
 
 
-def _owner(run_dir: Path) -> str:
+def _holder(owner: Path) -> str:
     try:
-        return (run_dir / OWNER_NAME).read_text(encoding="utf-8").strip() or "pid unknown"
+        return owner.read_text(encoding="utf-8").strip() or "pid unknown"
     except (OSError, UnicodeDecodeError):
         return "pid unknown"

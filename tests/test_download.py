@@ -15,6 +15,7 @@ import shutil
 import socket
 import stat
 import subprocess
+import sys
 import threading
 import time
 import urllib.parse
@@ -496,6 +497,49 @@ def test_concurrent_downloads_into_one_folder(mirror, tmp_path):
     for path in mirror.data:  # the second run waited for the lock, then found every file verified
         assert len(mirror.requests(path)) == 1, path
     assert [s.study_id for s in discover_studies(out)] == list(IDS)
+
+
+def test_a_second_process_waits_for_the_download_that_holds_the_folder(mirror, tmp_path, caplog):
+    out = tmp_path / "data"
+    manifest = tmp_path / "manifest.tsv"
+    manifest.write_text("path\tgit_blob_sha1\n" + "".join(f"{p}\t{h}\n" for p, h in mirror.manifest.items()))
+    mirror.server.delay = 0.5  # six requests: the first process holds the folder for about 3 s
+    code = (f"from covidseg.download import download; download({str(out)!r}, mirror={mirror.url!r}, "
+            f"ids={IDS!r}, manifest={str(manifest)!r}, backoff=0, timeout=5, progress=False)")
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "no_proxy": "127.0.0.1"}
+    first = subprocess.Popen([sys.executable, "-c", code], env=env, stderr=subprocess.PIPE, text=True)
+    try:
+        owner = out / ".covidseg-download.owner"
+        deadline = time.monotonic() + 60
+        while not owner.is_file():
+            assert first.poll() is None, first.stderr.read()
+            assert time.monotonic() < deadline, "the first download never took the folder"
+            time.sleep(0.02)
+        with caplog.at_level("WARNING", logger="covidseg.download"):
+            mirror.download(out)
+        assert first.wait(timeout=60) == 0, first.stderr.read()
+    finally:
+        first.kill()
+        first.wait()
+    waiting = [r.getMessage() for r in caplog.records if "another download" in r.getMessage()]
+    assert waiting == [f"{out}: another download into this folder is running "
+                       f"(pid {first.pid} on {socket.gethostname()}); waiting for it"]
+    assert_intact(mirror, out)
+    for path in mirror.data:  # the second process waited, then found every file verified
+        assert len(mirror.requests(path)) == 1, path
+    assert not owner.exists()
+
+
+@pytest.mark.parametrize("existing", [False, True])
+def test_a_download_that_fails_before_writing_leaves_nothing(existing, mirror, tmp_path):
+    out = tmp_path / "data"
+    if existing:
+        out.mkdir()
+    mirror.fault(IMAGE, "404")
+    with pytest.raises(DownloadError, match="HTTP 404"):
+        mirror.download(out)
+    assert sorted(p.name for p in tmp_path.iterdir()) == (["data", "mirror"] if existing else ["mirror"])
+    assert not existing or list(out.iterdir()) == []
 
 
 def test_local_copy_as_file_url(mirror, tmp_path):
