@@ -16,6 +16,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 from nibabel import orientations
+from nibabel.affines import voxel_sizes
 from nibabel.filebasedimages import ImageFileError
 
 from .errors import DataError
@@ -68,8 +69,9 @@ class Volume:
 
     @property
     def spacing(self) -> tuple[float, float, float]:
-        """Voxel size in mm along the three array axes (the column norms of :attr:`affine`)."""
-        return tuple(float(s) for s in np.sqrt((self.affine[:3, :3] ** 2).sum(axis=0)))
+        """Voxel size in mm along the three array axes (``nibabel.affines.voxel_sizes`` of
+        :attr:`affine`: the norms of its columns)."""
+        return tuple(float(s) for s in voxel_sizes(self.affine))
 
     @property
     def voxel_volume_mm3(self) -> float:
@@ -110,6 +112,25 @@ def load_volume(path: str | os.PathLike, dtype=None) -> Volume:
     Raises:
         DataError: If the file is missing, a folder, empty, truncated, not NIfTI, not 3D, has a
             degenerate affine or a non-numeric voxel type, or holds NaN or inf.
+
+    Example:
+        A volume stored in RAS order comes back in LAS, its first axis flipped::
+
+            >>> import tempfile
+            >>> import nibabel as nib
+            >>> import numpy as np
+            >>> folder = tempfile.TemporaryDirectory()
+            >>> hu = np.arange(24, dtype=np.int16).reshape(2, 3, 4)
+            >>> ras = np.diag([0.5, 0.5, 5.0, 1.0])  # 0.5 x 0.5 mm pixels, 5 mm slices
+            >>> nib.save(nib.Nifti1Image(hu, ras), f"{folder.name}/ct.nii.gz")
+            >>> volume = load_volume(f"{folder.name}/ct.nii.gz")
+            >>> volume.array.shape, volume.array.dtype.name, volume.spacing
+            ((2, 3, 4), 'int16', (0.5, 0.5, 5.0))
+            >>> orientation_of(volume.affine), orientation_of(volume.file_affine)
+            (('L', 'A', 'S'), ('R', 'A', 'S'))
+            >>> bool((volume.array == hu[::-1]).all())
+            True
+            >>> folder.cleanup()
     """
     path = Path(path)
     if path.is_dir():
@@ -130,25 +151,23 @@ def load_volume(path: str | os.PathLike, dtype=None) -> Volume:
         raise DataError(path, f"voxel-to-world affine is degenerate (voxel volume {show_values([abs(np.linalg.det(image.affine[:3, :3]))])} mm³, "
                               "zero or non-finite); fix the header")
     _check_unambiguous_voxel_size(image.header, path)
-    try:
-        raw = np.asanyarray(image.dataobj)
+    ornt = orientations.ornt_transform(
+        orientations.io_orientation(image.affine), orientations.axcodes2ornt(WORKING_ORIENTATION)
+    )
+    try:  # the voxels are read here: as_reoriented permutes and flips them (a view) and the affine
+        working = image.as_reoriented(ornt)
+        raw = np.asanyarray(working.dataobj)
     except MemoryError:
         raise DataError(path, f"too large to load: shape {image.shape}, {image.get_data_dtype()}") from None
     except Exception as exc:  # EOFError, zlib.error, OSError, ValueError ... for damaged data
         raise DataError(path, f"truncated or corrupt data ({_reason(exc, path)})") from None
-    if dtype is not None:
-        raw = raw.astype(dtype, copy=False)
     if raw.dtype.kind not in "biuf":
         raise DataError(path, f"unsupported voxel type {raw.dtype} (expected integers or floats)")
-    if raw.dtype.kind == "f" and not np.isfinite(raw).all():
-        bad = int((~np.isfinite(raw)).sum())
+    array = np.ascontiguousarray(raw, dtype=dtype)
+    if array.dtype.kind == "f" and not np.isfinite(array).all():
+        bad = int((~np.isfinite(array)).sum())
         raise DataError(path, f"{bad} voxels are NaN or infinite")
-    ornt = orientations.ornt_transform(
-        orientations.io_orientation(image.affine), orientations.axcodes2ornt(WORKING_ORIENTATION)
-    )
-    array = np.ascontiguousarray(orientations.apply_orientation(raw, ornt))
-    affine = image.affine @ orientations.inv_ornt_aff(ornt, image.shape)
-    return Volume(array=array, affine=affine, header=image.header, path=path, file_affine=image.affine.copy())
+    return Volume(array=array, affine=working.affine, header=image.header, path=path, file_affine=image.affine.copy())
 
 
 def save_volume(array: np.ndarray, like: Volume, path: str | os.PathLike, description: str | None = None) -> Path:
@@ -234,7 +253,7 @@ def _check_unambiguous_voxel_size(header, path: Path) -> None:
     """
     if int(header["sform_code"]) == 0:
         return
-    sform_sizes = np.sqrt((header.get_sform()[:3, :3] ** 2).sum(axis=0))
+    sform_sizes = voxel_sizes(header.get_sform())
     pixdim = np.abs(np.asarray(header["pixdim"][1:4], dtype=np.float64))
     if not np.allclose(sform_sizes, pixdim, rtol=_VOXEL_SIZE_RTOL, atol=0):
         shown = lambda v: " x ".join(f"{x:.6g}" for x in v)  # noqa: E731

@@ -1,3 +1,5 @@
+import itertools
+
 import nibabel as nib
 import numpy as np
 import pytest
@@ -40,6 +42,27 @@ def test_axial_axis_moved_last(tmp_path):
     volume = load_volume(write_nifti(tmp_path / "sla.nii.gz", array, affine))
     assert volume.array.shape == (4, 5, 3)
     np.testing.assert_array_equal(volume.array[:, :, 1], array[1])
+
+
+@pytest.mark.parametrize("axes", list(itertools.permutations(range(3))))
+@pytest.mark.parametrize("signs", list(itertools.product((1, -1), repeat=3)))
+def test_every_axis_order_loads_as_las_and_saves_back_as_it_was(axes, signs, tmp_path):
+    """All 48 orientations: each voxel keeps its world position, and save_volume restores the file."""
+    array = np.random.default_rng(2).integers(-1000, 1000, size=(4, 5, 3)).astype(np.int16)
+    affine = np.diag([0.0, 0.0, 0.0, 1.0])
+    for axis, (world, sign, size) in enumerate(zip(axes, signs, (0.75, 0.8, 8.0))):
+        affine[world, axis] = sign * size  # array axis ``axis`` runs along world axis ``world``
+    affine[:3, 3] = (12.5, -30.25, 7.0)
+    source = write_nifti(tmp_path / "source.nii.gz", array, affine)
+    volume = load_volume(source)
+    assert orientation_of(volume.affine) == WORKING_ORIENTATION
+    assert sorted(volume.spacing) == pytest.approx([0.75, 0.8, 8.0])
+    voxels = np.indices(array.shape).reshape(3, -1).T
+    moved = np.rint(nib.affines.apply_affine(np.linalg.inv(volume.affine), nib.affines.apply_affine(affine, voxels)))
+    np.testing.assert_array_equal(volume.array[tuple(moved.astype(int).T)], array.reshape(-1))
+    written = nib.load(save_volume(volume.array, volume, tmp_path / "back.nii.gz"))
+    np.testing.assert_array_equal(np.asanyarray(written.dataobj), array)
+    np.testing.assert_array_equal(written.affine, nib.load(source).affine)
 
 
 def test_save_volume_keeps_file_geometry(tmp_path):
