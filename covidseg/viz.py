@@ -179,6 +179,23 @@ def _overlap_legend(fig, source) -> None:
                title=f"prediction against the {truth_label(source)}", title_fontsize=10)
 
 
+GRID_PANEL_INCHES = (2.6, 2.85)
+"""Width and height of one panel of a slice grid (its title included), in inches."""
+
+GRID_MIN_WIDTH_INCHES = 4.0
+"""Narrowest slice grid: room for the legend below it (three entries a row) when it has one column."""
+
+
+def _grid(rows: int, columns: int):
+    """A figure of ``rows x columns`` panels with matplotlib's constrained layout, and room below
+    for the legend: ``(fig, axes)``, ``axes`` of shape ``(rows, columns)``."""
+    import matplotlib.pyplot as plt
+
+    width, height = GRID_PANEL_INCHES
+    return plt.subplots(rows, columns, figsize=(max(width * columns, GRID_MIN_WIDTH_INCHES), height * rows + 0.9),
+                        squeeze=False, layout="constrained")
+
+
 def slice_grid(images: np.ndarray, predictions: np.ndarray, truths: np.ndarray, slices: Sequence[int],
                title: str | None = None, columns: int = 3, window=LUNG_WINDOW, *, source):
     """The thesis' Figure 6.2-style slices of one study, one panel per slice: prediction and
@@ -198,12 +215,10 @@ def slice_grid(images: np.ndarray, predictions: np.ndarray, truths: np.ndarray, 
     Returns:
         The matplotlib ``Figure``.
     """
-    import matplotlib.pyplot as plt
-
     slices = [k for k in slices if 0 <= k < images.shape[0]]
     columns = max(1, min(columns, len(slices)))
     rows = -(-len(slices) // columns)
-    fig, axes = plt.subplots(rows, columns, figsize=(2.6 * columns, 2.85 * rows + 0.9), squeeze=False, layout="constrained")
+    fig, axes = _grid(rows, columns)
     for ax, k in zip(axes.flat, slices):
         show_overlap(ax, images[k], predictions[k], truths[k], title=f"slice {k}", window=window, source=source)
     for ax in axes.flat[len(slices):]:
@@ -231,12 +246,8 @@ def comparison_grid(images: np.ndarray, truths: np.ndarray, predictions: Mapping
     Returns:
         The matplotlib ``Figure``.
     """
-    import matplotlib.pyplot as plt
-
     slices = [k for k in slices if 0 <= k < images.shape[0]]
-    rows = 1 + len(predictions)
-    fig, axes = plt.subplots(rows, len(slices), figsize=(2.6 * len(slices), 2.85 * rows + 0.9), squeeze=False,
-                             layout="constrained")
+    fig, axes = _grid(1 + len(predictions), len(slices))
     for column, k in zip(axes.T, slices):
         show_slice(column[0], images[k], title=f"CT, slice {k}", window=window, source=source)
         for ax, (name, masks) in zip(column[1:], predictions.items()):
@@ -270,7 +281,7 @@ def learning_curve(history: Sequence[Mapping], title: str | None = None, best_ep
 
     epochs = [row["epoch"] + 1 for row in history]
     losses = [row["train_loss"] for row in history]
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig, ax = plt.subplots(figsize=(7, 4), layout="constrained")
     ax.plot(epochs, losses, "o-", label="training loss")
     ax.plot(epochs, [row["val_dice"] for row in history], "s-", label="validation per-study Dice")
     if best_epoch is not None and best_epoch >= 0:
@@ -283,7 +294,6 @@ def learning_curve(history: Sequence[Mapping], title: str | None = None, best_ep
     if title:
         ax.set_title(title, fontsize=11)
     stamp(ax, source)
-    fig.tight_layout()
     return fig
 
 
@@ -352,7 +362,7 @@ def interval_plot(
         raise ValueError("each interval must be (estimate, low, high) with low <= estimate <= high")
     rows = np.arange(len(names))[::-1]  # the first name on top
     label_inches = 0.085 * max(len(str(name)) for name in names)  # room for the row labels
-    fig, ax = plt.subplots(figsize=(max(6.0, 4.0 + label_inches), 1.3 + 0.45 * len(names)))
+    fig, ax = plt.subplots(figsize=(max(6.0, 4.0 + label_inches), 1.3 + 0.45 * len(names)), layout="constrained")
     ax.errorbar(values[:, 0], rows, xerr=[values[:, 0] - values[:, 1], values[:, 2] - values[:, 0]], fmt="o",
                 color="steelblue", ecolor="steelblue", capsize=4, label=interval_label)
     if reference:
@@ -369,7 +379,6 @@ def interval_plot(
     if title:
         fig.suptitle(title, fontsize=11)
     stamp(ax, source)
-    fig.tight_layout()
     return fig
 
 
@@ -440,7 +449,7 @@ def architecture_diagram(model, title: str, image_size: int = 512, ax=None):
 
     shapes = unet_shapes(model, image_size)
     if ax is None:
-        _, ax = plt.subplots(figsize=(7, 5.2))
+        _, ax = plt.subplots(figsize=(7, 5.2), layout="constrained")
     fig = ax.figure
 
     def level(shape):  # 0 at full resolution, 1 at stride 2, ...

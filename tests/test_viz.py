@@ -223,6 +223,24 @@ def test_every_figure_from_the_phantom_is_stamped_in_every_panel(tmp_path):
         assert not any(stamped(ax) for ax in fig.get_axes()), name
 
 
+def test_no_text_of_any_figure_falls_outside_it():
+    """Titles, tick labels, legends and stamps stay on the canvas, long row labels included."""
+    from covidseg.models import UNet
+
+    figures = every_figure(PHANTOM)
+    figures["interval_plot, long names"] = viz.interval_plot(
+        {"U-Net++ with a long descriptive name": (0.58, 0.51, 0.64), "FPN": (0.55, 0.47, 0.62)},
+        reference={"FPN": 0.57}, null_value=0.5, title="mean per-study Dice", source=REAL)
+    figures["architecture_diagram"] = viz.architecture_diagram(UNet(), "U-Net", image_size=64)
+    for name, fig in figures.items():
+        fig.canvas.draw()
+        drawn, canvas = fig.get_tightbbox(), fig.bbox_inches  # what savefig(bbox_inches="tight") would keep
+        slack = 1 / fig.dpi
+        assert (drawn.x0 >= canvas.x0 - slack and drawn.y0 >= canvas.y0 - slack
+                and drawn.x1 <= canvas.x1 + slack and drawn.y1 <= canvas.y1 + slack), \
+            f"{name}: drawn over {drawn.bounds} in, the figure is {canvas.bounds} in"
+
+
 def test_phantom_masks_are_called_phantom_labels():
     assert viz.truth_label(PHANTOM) == "phantom label" and viz.truth_label(REAL) == "expert mask"
     images, truths, predictions = stacks()
