@@ -95,7 +95,7 @@ def folder_lock(folder: str | os.PathLike, name: str, on_busy: Callable[[str], o
     folder = Path(folder)
     lock_path = folder / name
     owner = lock_path.with_suffix(OWNER_SUFFIX)
-    if lock_path.is_symlink():  # checked here too: filelock before 4.0 opens the path as given
+    if lock_path.is_symlink():  # refused here, whatever the installed filelock release does with links
         raise OSError(errno.ELOOP, os.strerror(errno.ELOOP), str(lock_path))
     new_lock = not lock_path.exists()
     lock = FileLock(lock_path)
