@@ -113,24 +113,24 @@ def load_volume(path: str | os.PathLike, dtype=None) -> Volume:
         DataError: If the file is missing, a folder, empty, truncated, not NIfTI, not 3D, has a
             degenerate affine or a non-numeric voxel type, or holds NaN or inf.
 
-    Example:
-        A volume stored in RAS order comes back in LAS, its first axis flipped::
+    Example::
 
-            >>> import tempfile
-            >>> import nibabel as nib
-            >>> import numpy as np
-            >>> folder = tempfile.TemporaryDirectory()
-            >>> hu = np.arange(24, dtype=np.int16).reshape(2, 3, 4)
-            >>> ras = np.diag([0.5, 0.5, 5.0, 1.0])  # 0.5 x 0.5 mm pixels, 5 mm slices
-            >>> nib.save(nib.Nifti1Image(hu, ras), f"{folder.name}/ct.nii.gz")
-            >>> volume = load_volume(f"{folder.name}/ct.nii.gz")
-            >>> volume.array.shape, volume.array.dtype.name, volume.spacing
-            ((2, 3, 4), 'int16', (0.5, 0.5, 5.0))
-            >>> orientation_of(volume.affine), orientation_of(volume.file_affine)
-            (('L', 'A', 'S'), ('R', 'A', 'S'))
-            >>> bool((volume.array == hu[::-1]).all())
-            True
-            >>> folder.cleanup()
+        >>> import tempfile
+        >>> import nibabel as nib
+        >>> import numpy as np
+        >>> from covidseg.nifti import load_volume, orientation_of
+        >>> folder = tempfile.TemporaryDirectory()
+        >>> hu = np.arange(24, dtype=np.int16).reshape(2, 3, 4)
+        >>> ras = np.diag([0.5, 0.5, 5.0, 1.0])  # stored in RAS: 0.5 x 0.5 mm pixels, 5 mm slices
+        >>> nib.save(nib.Nifti1Image(hu, ras), f"{folder.name}/ct.nii.gz")
+        >>> volume = load_volume(f"{folder.name}/ct.nii.gz")
+        >>> volume.array.shape, volume.array.dtype.name, volume.spacing
+        ((2, 3, 4), 'int16', (0.5, 0.5, 5.0))
+        >>> orientation_of(volume.affine), orientation_of(volume.file_affine)  # loaded in LAS
+        (('L', 'A', 'S'), ('R', 'A', 'S'))
+        >>> bool((volume.array == hu[::-1]).all())  # so the first axis is flipped
+        True
+        >>> folder.cleanup()
     """
     path = Path(path)
     if path.is_dir():
