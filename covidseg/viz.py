@@ -302,7 +302,7 @@ def hu_histogram(hu_volume: np.ndarray, clip=HU_CLIP, title: str | None = None, 
     import matplotlib.pyplot as plt
 
     values = np.asarray(hu_volume).ravel()
-    fig, ax = plt.subplots(figsize=(6, 3.2))
+    fig, ax = plt.subplots(figsize=(6, 3.2), layout="constrained")
     ax.hist(values, bins=np.linspace(min(values.min(), -1100), max(values.max(), 1100), 220), color="steelblue", log=True)
     for edge in clip:
         ax.axvline(edge, color="crimson", linestyle="--")
@@ -310,7 +310,6 @@ def hu_histogram(hu_volume: np.ndarray, clip=HU_CLIP, title: str | None = None, 
     ax.set_ylabel("voxels (log)")
     ax.set_title(title or "HU histogram; dashed: clipping window")
     stamp(ax, source)
-    fig.tight_layout()
     return fig
 
 

@@ -49,13 +49,12 @@ def slice_browser(images: np.ndarray, masks: np.ndarray | None = None, predictio
     reference = truth_label(source)
 
     def figure(k: int):
-        fig, axes = plt.subplots(1, panels, figsize=(4.5 * panels, 4.7), squeeze=False)
+        fig, axes = plt.subplots(1, panels, figsize=(4.5 * panels, 4.7), squeeze=False, layout="constrained")
         truth = None if masks is None else masks[k]
         show_slice(axes[0, 0], images[k], truth, TRUTH_COLOUR, f"slice {k} / {len(images) - 1}: {reference}",
                    window=window, source=source)
         if predictions is not None:
             show_slice(axes[0, 1], images[k], predictions[k], PREDICTION_COLOUR, "prediction", window=window, source=source)
-        fig.tight_layout()
         return fig
 
     output = widgets.Output()
