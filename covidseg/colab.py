@@ -131,5 +131,5 @@ def prepare(drive: bool = True, fetch: bool = True, progress: bool = True, *, co
     data = root / "mosmeddata"
     files = download(data, mirror=mirror or DEFAULT_MIRROR, manifest=manifest, progress=progress)
     print(CREDIT)
-    print(f"{len(files)} files downloaded and verified in {data}")
+    print(f"{len(files)} files of MosMedData verified in {data}")
     return data

@@ -108,10 +108,13 @@ def write_lesion_everywhere_run(run: Path) -> Path:
     return run
 
 
+TINY_SETTINGS = dict(image_size=16, unet_width=4, batch_size=16, slices_per_epoch=64)
+"""What :func:`tiny_config` changes in the quick preset."""
+
+
 def tiny_config(**changes) -> TrainConfig:
     """The quick preset shrunk to 16 px images and a width-4 U-Net: an epoch takes about a second."""
-    values = dict(image_size=16, unet_width=4, batch_size=16, slices_per_epoch=64)
-    return get_preset("quick").replace(**{**values, **changes})
+    return get_preset("quick").replace(**{**TINY_SETTINGS, **changes})
 
 
 @pytest.fixture(scope="module")
