@@ -87,7 +87,9 @@ def prepare(drive: bool = True, fetch: bool = True, progress: bool = True, *, co
     :data:`covidseg.notebook.RUNS_ENV`, unless it is set already). If the mount fails (permission
     refused), one line says so and the session goes on without Drive. Without Drive, the data go
     to ``<content>/mosmeddata`` and the runs to ``runs`` in the current folder, and both are lost
-    with the session.
+    with the session. (Colab uploads what is written to Drive a little later: a ``last.pt`` written
+    just before the machine is lost may be lost with it, and the run then resumes from an earlier
+    epoch.)
 
     With ``fetch``, the 50 annotated studies are downloaded and verified
     (:func:`covidseg.download.download`): files already there and intact are not fetched again, a
