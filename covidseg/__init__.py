@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import importlib
 
-__version__ = "0.1.0"
+__version__ = "0.1.0"  # the one place: pyproject.toml and the tag the book installs (covidseg.colab) follow it
 
 _ENTRY_POINTS = {
     "build_model": "models",

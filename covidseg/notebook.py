@@ -4,8 +4,8 @@ A chapter's parameters cell calls :func:`choose_setup`:
 
 - ``COVIDSEG_QUICK=1`` (CI sets it): the ``quick`` preset on the synthetic phantom, always (even
   with ``COVIDSEG_DATA`` set, so that quick results are never shown as real-data ones);
-- a CUDA GPU and real data (``COVIDSEG_DATA``, or Colab's ``/content/mosmeddata`` after
-  ``covidseg download``): the ``thesis`` preset on the real data;
+- a CUDA GPU and real data (``COVIDSEG_DATA``, or in Colab the data :func:`covidseg.colab.prepare`
+  downloads, into Google Drive by default): the ``thesis`` preset on the real data;
 - anything else (a laptop CPU): ``quick`` on the phantom.
 """
 
@@ -22,10 +22,7 @@ from .config import QUICK_ENV, TrainConfig, get_preset, preset_from_env
 from .files import write_json
 from .sources import DATA_ENV, data_source
 
-__all__ = ["COLAB_DATA_DIR", "RUNS_ENV", "ChapterSetup", "versions", "choose_setup", "run_dir_for", "code_fingerprint", "train_or_reuse", "evaluate_or_reuse"]
-
-COLAB_DATA_DIR = Path("/content/mosmeddata")
-"""Where the chapters' Colab setup cell downloads the real data."""
+__all__ = ["RUNS_ENV", "ChapterSetup", "versions", "choose_setup", "run_dir_for", "code_fingerprint", "train_or_reuse", "evaluate_or_reuse"]
 
 RUNS_ENV = "COVIDSEG_RUNS"
 """Folder holding the chapters' training runs (default ``runs`` beside the notebook), shared so that
@@ -60,6 +57,7 @@ class ChapterSetup:
         data_dir: The dataset folder.
         source: ``'real MosMedData'`` or ``'synthetic phantom'``.
         reason: Why this preset was chosen, in words.
+        colab: Whether this runs in Google Colab (:func:`covidseg.colab.in_colab`).
     """
 
     preset: str
@@ -67,25 +65,39 @@ class ChapterSetup:
     data_dir: Path
     source: str
     reason: str
+    colab: bool = False
 
     def __str__(self) -> str:
         return f"preset: {self.preset} ({self.reason}) | data: {self.source} in {self.data_dir} | image size {self.config.image_size} px"
 
 
-def _real_data_dir() -> Path | None:
-    if os.environ.get(DATA_ENV):
-        return Path(os.environ[DATA_ENV])
-    if (COLAB_DATA_DIR / "dataset_registry.csv").is_file():
-        return COLAB_DATA_DIR
-    return None
+def choose_setup(progress: bool = True, drive: bool = True) -> ChapterSetup:
+    """Pick the preset and the data as described in the module docstring.
 
+    In Colab, first make the session ready (:func:`covidseg.colab.prepare`): mount Google Drive
+    (with ``drive``), keep the runs there, and download and verify the real data there, unless
+    ``COVIDSEG_DATA`` names a folder or ``COVIDSEG_QUICK`` asks for the phantom.
 
-def choose_setup(progress: bool = True) -> ChapterSetup:
-    """Pick the preset and the data as described in the module docstring."""
+    Args:
+        progress: Progress bars (phantom generation, download).
+        drive: In Colab, keep the data and the runs in Google Drive, so that running a chapter
+            again after a disconnect finds the data and resumes the unfinished run; ignored
+            elsewhere.
+
+    Raises:
+        DownloadError: In Colab, if the data cannot be fetched or verified (one line naming the file).
+        ValueError: If ``COVIDSEG_QUICK`` has a value that is not understood.
+    """
     import torch
 
-    real = _real_data_dir()
-    if preset_from_env(default="") == "quick":
+    from . import colab
+
+    quick = preset_from_env(default="") == "quick"
+    real = Path(os.environ[DATA_ENV]) if os.environ.get(DATA_ENV) else None
+    in_colab = colab.in_colab()
+    if in_colab:
+        real = colab.prepare(drive=drive, fetch=real is None and not quick, progress=progress) or real
+    if quick:
         preset, data, reason = "quick", None, f"{QUICK_ENV} is set"
     elif torch.cuda.is_available() and real is not None:
         preset, data, reason = "thesis", real, "a CUDA GPU and the real data are available"
@@ -97,7 +109,7 @@ def choose_setup(progress: bool = True) -> ChapterSetup:
 
     config = get_preset(preset)
     data_dir = ensure_phantom(size=config.image_size, progress=progress) if data is None else data
-    return ChapterSetup(preset, config, data_dir, data_source(data_dir), reason)
+    return ChapterSetup(preset, config, data_dir, data_source(data_dir), reason, colab=in_colab)
 
 
 def run_dir_for(config: TrainConfig, root: str | os.PathLike | None = None) -> Path:

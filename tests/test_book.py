@@ -1,8 +1,9 @@
 """The book's structure, checked without executing anything.
 
 Every chapter of ``_toc.yml`` is a MyST notebook with an output-free ``.ipynb`` twin in sync with
-it (the Colab button opens the twin), follows the common skeleton, installs the package from the
-repository that ``_config.yml`` names, and marks at least one deterministic cell for nbval.
+it (the Colab button opens the twin), follows the common skeleton, starts with the Colab setup cell
+that installs this release from the repository ``_config.yml`` names, asks Colab for a GPU where it
+trains, and marks at least one deterministic cell for nbval.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from conftest import REPO
 jupytext = pytest.importorskip("jupytext")
 yaml = pytest.importorskip("yaml")
 
-from covidseg.notebook import COLAB_DATA_DIR  # noqa: E402
+from covidseg import __version__, colab  # noqa: E402
 
 COLAB = "https://colab.research.google.com"
 CHECK_OUTPUT = "nbval-check-output"
@@ -33,10 +34,10 @@ MUST_CHECK_OUTPUT = ("book/02_dataset", "book/03_preprocessing", "book/04_segmen
 PAGES = ("book/course",)
 """Pages of ``_toc.yml`` that are not notebook chapters (no code, no twin)."""
 
-WITHOUT_REAL_DATA = ("book/01_introduction", "book/04_segmentation_and_dice")
-"""Chapters that run on whatever data is at hand; all others download the real data in Colab."""
+INSTALL = re.compile(r'^\s*%pip install\b.*"(?P<requirement>covidseg @ [^"]+)"', re.MULTILINE)
 
-INSTALL = re.compile(r'^\s*%pip install\b.*"covidseg @ git\+(?P<url>[^"@]+?)(?:\.git)?@(?P<branch>[^"@]+)"', re.MULTILINE)
+TRAINING = "training"
+"""The tag of the cells that train or score a model: a chapter with one asks Colab for a GPU."""
 
 
 def _load_yaml(name: str) -> dict:
@@ -67,6 +68,10 @@ def _read(chapter: str, suffix: str):
 
 def _code(notebook) -> list:
     return [cell for cell in notebook.cells if cell.cell_type == "code"]
+
+
+def _trains(chapter: str) -> bool:
+    return any(TRAINING in cell.metadata.get("tags", []) for cell in _code(_read(chapter, ".md")))
 
 
 def _comparable(notebook) -> list:
@@ -153,16 +158,48 @@ def test_colab_button_opens_a_twin_in_the_repository(chapter, config):
 # --------------------------------------------------------------------------- the skeleton
 
 
+def test_the_setup_cell_installs_this_release_from_the_configured_repository(config):
+    assert colab.REPOSITORY_URL == config["repository"]["url"].rstrip("/")
+    assert colab.INSTALL_REQUIREMENT == f"covidseg @ git+{colab.REPOSITORY_URL}@v{__version__}"
+    assert INSTALL.findall(colab.SETUP_CELL) == [colab.INSTALL_REQUIREMENT]
+    assert 'if "google.colab" in sys.modules:' in colab.SETUP_CELL
+
+
 @pytest.mark.parametrize("chapter", CHAPTERS)
-def test_setup_cell_installs_from_the_configured_repository_only_in_colab(chapter, config):
+def test_setup_cell_is_the_colab_setup_cell(chapter):
     setup = _code(_read(chapter, ".md"))[0].source
-    assert 'if "google.colab" in sys.modules:' in setup
-    installs = list(INSTALL.finditer(setup))
-    assert len(installs) == 1, f"{chapter}: the setup cell must install covidseg once"
-    assert installs[0]["url"] == config["repository"]["url"].rstrip("/")
-    assert installs[0]["branch"] == config["repository"]["branch"]
-    downloads = f"!covidseg download {COLAB_DATA_DIR.as_posix()}" in setup
-    assert downloads == (chapter not in WITHOUT_REAL_DATA)
+    assert INSTALL.findall(setup) == [colab.INSTALL_REQUIREMENT], (
+        f"{chapter}: the setup cell must install {colab.INSTALL_REQUIREMENT!r} (covidseg.colab.INSTALL_REQUIREMENT)")
+    assert setup == colab.SETUP_CELL, f"{chapter}: the first code cell must be covidseg.colab.SETUP_CELL, word for word"
+
+
+@pytest.mark.parametrize("chapter", CHAPTERS)
+def test_training_chapters_ask_colab_for_a_gpu(chapter):
+    """Colab reads the runtime type from the notebook metadata of the twin it opens; the .md carries
+    it in its front matter, and its jupytext filter keeps it there through ``jupytext --sync``."""
+    source, twin = _read(chapter, ".md"), _read(chapter, ".ipynb")
+    keys = set(colab.NOTEBOOK_METADATA)
+    if not _trains(chapter):
+        assert not keys & set(twin.metadata), f"{chapter} trains nothing, so it should not ask for a GPU"
+        return
+    for name, notebook in ((".md", source), (".ipynb", twin)):
+        found = {key: notebook.metadata.get(key) for key in keys}
+        assert found == colab.NOTEBOOK_METADATA, f"{chapter}{name}: notebook metadata {found}, not {colab.NOTEBOOK_METADATA}"
+    rewritten = jupytext.reads(jupytext.writes(source, fmt="md:myst"), fmt="md:myst")
+    assert {key: rewritten.metadata.get(key) for key in keys} == colab.NOTEBOOK_METADATA, (
+        f"{chapter}.md: jupytext drops the Colab metadata when it rewrites the file; "
+        "add 'notebook_metadata_filter: accelerator,colab' to its jupytext front matter")
+
+
+def test_the_chapters_that_train_are_found_by_their_tag():
+    trains = [chapter for chapter in CHAPTERS if _trains(chapter)]
+    assert "book/05_unet" in trains and "book/01_introduction" not in trains
+
+
+@pytest.mark.parametrize("chapter", CHAPTERS)
+def test_training_shows_progress(chapter):
+    calls = [line for cell in _code(_read(chapter, ".md")) for line in cell.source.splitlines() if "train_or_reuse(" in line]
+    assert all("progress=True" in line for line in calls), f"{chapter}: train with progress=True: {calls}"
 
 
 @pytest.mark.parametrize("chapter", CHAPTERS)
@@ -184,7 +221,7 @@ def test_chapter_follows_the_skeleton(chapter):
     assert "{dropdown} Solution" not in exercises, f"{chapter}: solutions belong in {{solution}} directives"
 
     parameters = [cell for cell in _code(notebook) if "parameters" in cell.metadata.get("tags", [])]
-    assert len(parameters) == 1 and "choose_setup()" in parameters[0].source
+    assert len(parameters) == 1 and "choose_setup(drive=True)" in parameters[0].source
     assert sum("print(versions())" in cell.source for cell in _code(notebook)) == 1
 
 

@@ -3,7 +3,6 @@ package, the seeded choice of studies, and a download from a local mirror on 127
 
 from __future__ import annotations
 
-import hashlib
 import threading
 from collections import namedtuple
 from functools import partial
@@ -18,11 +17,7 @@ from covidseg.cli import main
 from covidseg.mosmed import CATEGORY_COUNTS, discover_studies
 from covidseg.selection import parse_categories, read_full_manifest, select_studies
 
-from conftest import REAL_MASKS
-
-
-def blob_sha1(data: bytes) -> str:
-    return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
+from conftest import REAL_MASKS, blob_sha1
 
 
 def test_packaged_full_manifest_lists_every_file_of_the_mirror():
