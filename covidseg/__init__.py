@@ -25,7 +25,7 @@ that define it::
     lung box                  lung_box.py           lung_box
     download verification     download.py           git_blob_sha1, read_manifest
     run card                  run_card.py           RunCard
-    Colab setup               colab.py
+    Colab setup               colab.py              prepare, SETUP_CELL, INSTALL_REQUIREMENT
     batch-norm folding        fast_inference.py     fold_batch_norm, inference_model
 """
 
