@@ -79,8 +79,8 @@ def load_checkpoint(path: str | os.PathLike, model_name: str | None = None, conf
     Args:
         path: The ``.pt`` file.
         model_name: If given, the checkpoint must be of this model.
-        config: If given, the checkpoint's config must agree with it (except ``max_epochs``,
-            ``device`` and ``preset``).
+        config: If given, the checkpoint's config must agree with it, except in the fields a
+            resumed run may change (:data:`covidseg.config.RESUMABLE_CHANGES`).
 
     Returns:
         The checkpoint dictionary, with ``config`` as a :class:`TrainConfig`.

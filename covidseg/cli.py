@@ -226,9 +226,17 @@ def _train(args) -> None:
 
     config = config_from_args(args)
     result = fit(config, args.out, data_dir=args.data, resume=args.resume, progress=not args.quiet)
-    stop = "early stopping" if result.stopped_early else "epoch limit"
+    stop = "time budget" if result.stopped_by_budget else "early stopping" if result.stopped_early else "epoch limit"
     print(f"best validation per-study Dice {result.best_val_dice:.4f} at epoch {result.best_epoch + 1} ({stop})")
     print(result.card)
+    if result.stopped_by_budget:
+        print(f"stopped for the time budget after epoch {result.history[-1]['epoch'] + 1}, which {args.out / 'last.pt'} holds; "
+              f"continue with: {shlex.join(_resume_command(args.argv))}")
+
+
+def _resume_command(argv: list[str]) -> list[str]:
+    """The ``covidseg`` command line that continues the run ``argv`` trains."""
+    return ["covidseg", *argv] + ([] if "--resume" in argv else ["--resume"])
 
 
 def _evaluate(args) -> None:
@@ -277,10 +285,9 @@ def _interrupted(args, argv: list[str], exc: KeyboardInterrupt) -> str:
         return f"covidseg: interrupted; the studies done are kept: {shlex.join(['covidseg', *argv])} finishes the rest"
     if args.command != "train" or not isinstance(exc, TrainingInterrupted):
         return "covidseg: interrupted"
-    again = ["covidseg", *argv] + ([] if "--resume" in argv else ["--resume"])
     if exc.saved_epoch is None:
         return f"covidseg: {exc}; start again with: {shlex.join(['covidseg', *argv])}"
-    return f"covidseg: {exc}: {shlex.join(again)}"
+    return f"covidseg: {exc}: {shlex.join(_resume_command(argv))}"
 
 
 def _unexpected(exc: BaseException) -> str:
@@ -313,6 +320,7 @@ def main(argv: list[str] | None = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as exc:  # --help, or a usage error already printed on one line
         return 0 if exc.code is None else exc.code if isinstance(exc.code, int) else EXIT_ERROR
+    args.argv = argv  # the command as typed, for the messages that repeat it
     handler = {"phantom": _phantom, "download": _download, "train": _train, "evaluate": _evaluate, "predict": _predict, "screen": _screen}[args.command]
     try:
         handler(args)

@@ -36,6 +36,7 @@ __all__ = [
     "LUNG_METHOD_NAMES",
     "MODEL_SIZE_MULTIPLE",
     "SEED_RANGE",
+    "RESUMABLE_CHANGES",
 ]
 
 MODEL_NAMES = ("unet", "unet-vgg19", "unet-resnet34", "unet-mobilenetv2")
@@ -88,9 +89,19 @@ class TrainConfig:
     """Everything that determines a training run.
 
     Each field's ``metadata`` holds its ``help`` and its valid values: ``choices``, or ``min`` and
-    ``max`` (inclusive); ``none`` names the word that stands for ``None`` on the command line.
-    ``encoder_weights`` is ``'imagenet'``, ``None`` (random initialisation) or a path to local
-    encoder weights.
+    ``max`` (inclusive) or ``above`` (exclusive); ``none`` names the word that stands for ``None``
+    on the command line. ``encoder_weights`` is ``'imagenet'``, ``None`` (random initialisation) or
+    a path to local encoder weights.
+
+    Two fields say how a run is executed, not what it learns, so a run may be resumed with
+    other values (:data:`RESUMABLE_CHANGES`): ``fast_gpu`` (the tuned CUDA path of
+    :func:`covidseg.training.plan_training`; off, CUDA training runs as before it existed: float16
+    autocast with loss scaling and nothing else) and ``time_budget`` (minutes; ``None``: no budget).
+    The budget counts from the start of :func:`covidseg.training.fit`, data loading included.
+    After each epoch, with ``elapsed`` the minutes since then and ``last`` that epoch's minutes,
+    training stops if ``elapsed + last > time_budget``: a next epoch as long as the last one would
+    end past the budget. It never stops inside an epoch, so at least one epoch is trained and
+    ``last.pt`` always holds the last epoch trained.
     """
 
     model: str = field(default="unet", metadata=_help("the network", choices=MODEL_NAMES))
@@ -115,6 +126,19 @@ class TrainConfig:
     seed: int = field(default=0, metadata=_help("seeds initialisation and the order of training slices", min=SEED_RANGE[0], max=SEED_RANGE[1]))
     device: str = field(default="auto", metadata=_help(f"where to run: {DEVICE_FORMS}", metavar="DEVICE"))
     amp: bool = field(default=True, metadata=_help("mixed precision (used on CUDA only)"))
+    fast_gpu: bool = field(
+        default=True,
+        metadata=_help("on CUDA: channels-last layout, cuDNN autotuning, bfloat16 autocast where the GPU has it natively "
+                       "(else float16 with loss scaling), fused Adam, batches loaded by worker processes and validation "
+                       "in 4x larger batches; no effect on the CPU or MPS"),
+    )
+    time_budget: float | None = field(
+        default=None,
+        metadata=_help("minutes this call may train: after each epoch, training stops if the time since it started plus "
+                       "that epoch's duration exceeds MINUTES (the next epoch would likely end past the budget); at least "
+                       "one epoch is trained, last.pt holds the last epoch and --resume continues; none: no budget",
+                       above=0.0, none="none", metavar="MINUTES"),
+    )
     preset: str = field(default="custom", compare=False, metadata=_help("name of the preset this came from"))
 
     def __post_init__(self):
@@ -150,8 +174,10 @@ class TrainConfig:
             raise ValueError(f"unknown config fields: {', '.join(unknown)}")
         return cls(**values)
 
-    def differences(self, other: TrainConfig, ignore=("max_epochs", "device", "preset")) -> list[str]:
-        """Names of the fields that differ from ``other``, except those in ``ignore``."""
+    def differences(self, other: TrainConfig, ignore=None) -> list[str]:
+        """Names of the fields that differ from ``other``, except those in ``ignore`` (default
+        :data:`RESUMABLE_CHANGES`: the fields a resumed run may change)."""
+        ignore = RESUMABLE_CHANGES if ignore is None else ignore
         return [
             f.name
             for f in dataclasses.fields(self)
@@ -162,7 +188,11 @@ class TrainConfig:
 _FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
 
 
-_NULLABLE = {"encoder_weights": str, "slices_per_epoch": int}
+RESUMABLE_CHANGES = ("max_epochs", "device", "preset", "fast_gpu", "time_budget")
+"""Fields a run may be resumed with other values of: how long, where and how fast it trains, not
+what it trains (checked by :meth:`TrainConfig.differences` against a checkpoint's config)."""
+
+_NULLABLE = {"encoder_weights": str, "slices_per_epoch": int, "time_budget": float}
 """Fields that may be ``None``, with the type of their other values."""
 
 
@@ -199,6 +229,8 @@ def check_value(name: str, value):
     low, high = meta.get("min"), meta.get("max")
     if (low is not None and value < low) or (high is not None and value > high):
         raise ConfigError(name, value, _range(low, high))
+    if "above" in meta and value <= meta["above"]:
+        raise ConfigError(name, value, f"must be more than {meta['above']:g}")
     if name == "device":
         problem = check_device_name(value)
         if problem:

@@ -22,6 +22,17 @@ A new run needs a new or empty folder and ``--resume`` a folder holding a resuma
 identity of the data the run was trained on (:func:`covidseg.sources.data_identity`): a run is
 never resumed on other data. Training stops at the first non-finite loss or weights
 (:class:`~covidseg.errors.TrainingDiverged`), and nothing of that epoch is written.
+
+What a student sees (``progress=True``): one progress bar for the whole call, reset at each epoch
+(a widget in Jupyter and Colab, text in a terminal; closed at the end, so an executed notebook
+keeps one bar however many epochs ran); after a warm-up step and a few timed ones, an estimate of
+the time per epoch and of the worst case at the epoch cap; then one line per epoch with the
+training loss, the validation per-study Dice, the epoch's seconds and the best epoch so far.
+``TrainConfig.time_budget`` ends a call cleanly between epochs (:attr:`FitResult.stopped_by_budget`),
+to be continued with ``resume=True`` (``covidseg train ... --resume``).
+
+On CUDA, how the loop runs is chosen by :func:`plan_training` (``TrainConfig.amp`` and
+``fast_gpu``); on the CPU it is plain float32 and unchanged by either.
 """
 
 from __future__ import annotations
@@ -31,6 +42,7 @@ import csv
 import io
 import json
 import math
+import multiprocessing
 import os
 import signal
 import threading
@@ -59,9 +71,29 @@ from .runs import describe_contents, folder_contents, is_run_file, run_lock
 from .sources import data_identity, resolve_data_dir
 from .splits import get_split
 
-__all__ = ["EarlyStopping", "FitResult", "TrainingInterrupted", "fit", "validation_dice"]
+__all__ = ["EarlyStopping", "FitResult", "TrainingInterrupted", "TrainingPlan", "fit", "plan_training", "validation_dice"]
 
 HISTORY_FIELDS = ("epoch", "train_loss", "val_dice", "epoch_seconds", "lr")
+
+WARMUP_STEPS = 1
+"""Training steps of a call's first epoch left out of the speed estimate (memory allocation,
+cuDNN autotuning and kernel compilation happen there)."""
+
+ESTIMATE_STEPS = 5
+"""Steps timed, after the warm-up, for the estimate (fewer if an epoch has fewer)."""
+
+VALIDATION_BATCH_FACTOR = 4
+"""On the tuned CUDA path, validation runs in batches this many times the training batch
+(inference keeps no activations for a backward pass, so they fit)."""
+
+MAX_LOADER_WORKERS = 4
+"""Most worker processes that load training batches on the tuned CUDA path."""
+
+PREFETCH_BATCHES = 4
+"""Batches each loader worker keeps ready."""
+
+_clock = time.perf_counter
+"""The time source of epoch times, the estimate and the time budget (tests replace it)."""
 
 
 @dataclass
@@ -112,6 +144,9 @@ class FitResult:
         best_val_dice: That Dice.
         stopped_early: Whether early stopping ended the run.
         card: The run card.
+        stopped_by_budget: Whether ``config.time_budget`` ended this call before the run was
+            done; ``run_dir/last.pt`` holds its last epoch, and ``fit(..., resume=True)``
+            continues it.
     """
 
     run_dir: Path
@@ -120,6 +155,90 @@ class FitResult:
     best_val_dice: float
     stopped_early: bool
     card: RunCard
+    stopped_by_budget: bool = False
+
+
+@dataclass(frozen=True)
+class TrainingPlan:
+    """How the training loop runs on a device (:func:`plan_training` chooses it).
+
+    Attributes:
+        autocast: The autocast dtype (``torch.bfloat16`` or ``torch.float16``), or ``None``
+            for float32.
+        grad_scaler: Scale the loss (float16 needs it: its small gradients underflow).
+        channels_last: Model and batches in channels-last (NHWC) layout, the layout of the
+            tensor-core convolutions.
+        cudnn_benchmark: Let cuDNN time its algorithms for each shape once and keep the fastest
+            (``torch.backends.cudnn.benchmark``, set for the call and restored after).
+        fused_adam: Adam's update as one fused kernel (``torch.optim.Adam(fused=True)``); with
+            a scaler it also skips the scaler's per-step host synchronisation.
+        loader_workers: Worker processes that load training batches (0: the main process).
+        pin_memory: Batches in page-locked memory, so the copy to the GPU is asynchronous.
+        validation_batch: Slices per forward pass in validation.
+    """
+
+    autocast: torch.dtype | None
+    grad_scaler: bool
+    channels_last: bool
+    cudnn_benchmark: bool
+    fused_adam: bool
+    loader_workers: int
+    pin_memory: bool
+    validation_batch: int
+
+
+def plan_training(device_type: str, amp: bool, fast_gpu: bool, batch_size: int, bf16_native: bool = False, spare_cpus: int = 0) -> TrainingPlan:
+    """Choose how to train on a device, from its kind and capabilities alone.
+
+    - The CPU and MPS: float32, the model and batches as they are, no worker processes
+      (``amp`` and ``fast_gpu`` change nothing there: CPU training stays bit-for-bit repeatable).
+    - CUDA with ``fast_gpu`` off: float16 autocast with a gradient scaler if ``amp``, else
+      float32; batches pinned; nothing else (the CUDA path before ``fast_gpu`` existed).
+    - CUDA with ``fast_gpu`` on: bfloat16 autocast where the GPU has bfloat16 tensor cores
+      (compute capability 8.0 and later: A100, L4, H100) and then no scaler, else float16 with a
+      scaler (the T4 of free Colab; its "bfloat16" is emulated, and slower than float32), if
+      ``amp``; channels-last layout, cuDNN autotuning, fused Adam, up to
+      :data:`MAX_LOADER_WORKERS` loader workers (one per spare CPU), and validation in
+      :data:`VALIDATION_BATCH_FACTOR` times larger batches.
+
+    Args:
+        device_type: ``'cpu'``, ``'cuda'`` or ``'mps'``.
+        amp: ``TrainConfig.amp``.
+        fast_gpu: ``TrainConfig.fast_gpu``.
+        batch_size: The training batch size.
+        bf16_native: Whether the GPU computes in bfloat16 natively
+            (``torch.cuda.is_bf16_supported(including_emulation=False)``).
+        spare_cpus: CPUs free for loader workers (0 where processes cannot be forked).
+
+    Returns:
+        A :class:`TrainingPlan`.
+    """
+    cuda = device_type == "cuda"
+    fast = cuda and fast_gpu
+    dtype = None
+    if cuda and amp:
+        dtype = torch.bfloat16 if fast and bf16_native else torch.float16
+    return TrainingPlan(
+        autocast=dtype,
+        grad_scaler=dtype == torch.float16,
+        channels_last=fast,
+        cudnn_benchmark=fast,
+        fused_adam=fast,
+        loader_workers=max(0, min(MAX_LOADER_WORKERS, spare_cpus)) if fast else 0,
+        pin_memory=cuda,
+        validation_batch=batch_size * VALIDATION_BATCH_FACTOR if fast else batch_size,
+    )
+
+
+def _device_plan(config: TrainConfig, device: torch.device) -> TrainingPlan:
+    """:func:`plan_training` for ``config`` on ``device``, with the device's capabilities."""
+    bf16_native = False
+    if device.type == "cuda":
+        with torch.cuda.device(device):
+            bf16_native = torch.cuda.is_bf16_supported(including_emulation=False)
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    spare = cpus - 1 if "fork" in multiprocessing.get_all_start_methods() else 0  # no pickling of the slices per epoch
+    return plan_training(device.type, config.amp, config.fast_gpu, config.batch_size, bf16_native, spare)
 
 
 def validation_dice(model: torch.nn.Module, dataset: SliceDataset, batch_size: int, device: torch.device, amp: bool) -> float:
@@ -142,12 +261,15 @@ def fit(
     """Train ``config.model`` on the training part of ``config.split``.
 
     Args:
-        config: The run's configuration.
+        config: The run's configuration; ``config.time_budget`` (minutes) ends the call between
+            epochs (:class:`~covidseg.config.TrainConfig` states the rule).
         run_dir: Folder for checkpoints and history (created).
         data_dir: A MosMedData folder; default: ``COVIDSEG_DATA`` or the cached phantom.
-        resume: Continue from ``run_dir/last.pt`` (its config must match ``config``, except
-            ``max_epochs``).
-        progress: Show tqdm progress bars.
+        resume: Continue from ``run_dir/last.pt`` (its config must match ``config``, except in
+            :data:`~covidseg.config.RESUMABLE_CHANGES`: ``max_epochs``, ``device``,
+            ``fast_gpu``, ``time_budget``).
+        progress: Show one progress bar, the time estimate and a line per epoch (see the
+            module's docstring).
         cache_dir: Optional on-disk cache of preprocessed slices.
 
     Returns:
@@ -166,8 +288,41 @@ def fit(
         DataError: For unusable data, or a run folder that cannot be written.
         TrainingInterrupted: On Ctrl-C; ``last.pt`` then holds the last completed epoch, intact,
             and nothing of the interrupted epoch is written.
+
+    Example:
+        Two epochs of a tiny U-Net on the synthetic phantom (not patient data) at 32 px, in
+        seconds on a CPU:
+
+        >>> import tempfile
+        >>> from pathlib import Path
+        >>> from covidseg.config import get_preset
+        >>> from covidseg.phantom import ensure_phantom
+        >>> from covidseg.training import fit
+        >>> config = get_preset("quick").replace(model="unet", image_size=32, unet_width=4, max_epochs=2,
+        ...                                      slices_per_epoch=32, device="cpu")
+        >>> phantom = ensure_phantom(32, progress=False)
+        >>> with tempfile.TemporaryDirectory() as tmp:
+        ...     result = fit(config, Path(tmp) / "run", data_dir=phantom, progress=False)
+        ...     files = sorted(path.name for path in (Path(tmp) / "run").glob("[!.]*"))
+        >>> [row["epoch"] for row in result.history], files
+        ([0, 1], ['best.pt', 'config.json', 'history.csv', 'history.json', 'last.pt'])
+        >>> 0.0 <= result.best_val_dice <= 1.0, result.stopped_by_budget
+        (True, False)
+
+        The thesis protocol on a GPU (hours), in sessions of at most 55 minutes: the same call in
+        each new session continues the run (``resume=True`` starts it where there is nothing to
+        resume), until ``stopped_by_budget`` is false:
+
+        >>> config = get_preset("thesis").replace(model="unet-resnet34", time_budget=55)
+        >>> result = fit(config, "runs/unet-resnet34", resume=True)  # doctest: +SKIP
+        nothing to resume in runs/unet-resnet34 (no last.pt); starting a new run
+        estimate: 41 s per epoch (36 s of 179 training steps, 5 s of validation); at most 1.1 h for 100 epochs (early stopping usually ends sooner); the time budget of 55 min stops it after about 79 epochs
+        epoch   1/100  train loss 0.8012  val Dice 0.3157  44.9 s  best 0.3157 (epoch 1)
+        ...
+        >>> result.stopped_by_budget  # doctest: +SKIP
+        False
     """
-    started = time.perf_counter()
+    started = _clock()
     run_dir = Path(run_dir)
     if run_dir.exists() and not run_dir.is_dir():
         raise DataError(run_dir, "is a file; the run folder must be a folder")
@@ -215,20 +370,23 @@ def _check_run_folder(run_dir: Path, config: TrainConfig, resume: bool) -> dict 
 
 def _fit(config, run_dir, device, data_dir, resume, progress, cache_dir, started) -> FitResult:
     """:func:`fit`, with the run folder locked."""
-    use_amp = config.amp and device.type == "cuda"
     last_path = run_dir / "last.pt"
     resumed = _check_run_folder(run_dir, config, resume)
+    plan = _device_plan(config, device)
 
     saved_epoch = None if resumed is None else int(resumed["epoch"])  # the epoch last.pt holds
     epoch = None  # the epoch being trained
+    budget_note = None  # why the time budget ended the call, if it did
     try:
         # --- model, optimiser, loss (a resumed run takes its weights from last.pt) -------------
         torch.manual_seed(config.seed)
         weights = None if resumed is not None else config.encoder_weights
         model = build_model(config.model, encoder_weights=weights, width=config.unet_width).to(device)
-        optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
+        if plan.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, **({"fused": True} if plan.fused_adam else {}))
         loss_fn = build_loss(config.loss)
-        scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
+        scaler = torch.amp.GradScaler(device.type, enabled=plan.grad_scaler)
         stopper = EarlyStopping(config.patience, config.min_delta)
         history: list[dict] = []
         start_epoch = 0
@@ -253,57 +411,63 @@ def _fit(config, run_dir, device, data_dir, resume, progress, cache_dir, started
         val_set = SliceDataset(val_studies, config.image_size, cache_dir, progress)
         config_written = False
 
-        # --- epochs -------------------------------------------------------------------------
-        for epoch in range(start_epoch, config.max_epochs):
-            if stopper.should_stop:
-                break
-            tic = time.perf_counter()
-            order = torch.Generator().manual_seed(config.seed * 1_000_003 + epoch)  # depends on the epoch only
-            sampler = RandomSampler(train_set, num_samples=config.slices_per_epoch, generator=order)  # all slices unless capped
-            loader = DataLoader(train_set, batch_size=config.batch_size, sampler=sampler, pin_memory=device.type == "cuda")
-            model.train()
-            losses = []
-            bar = tqdm(loader, desc=f"epoch {epoch + 1}/{config.max_epochs}", disable=not progress, leave=False)
-            for step, (images, masks) in enumerate(bar):
-                images, masks = images.to(device, non_blocking=True), masks.to(device, non_blocking=True)
-                optimizer.zero_grad(set_to_none=True)
-                with torch.autocast("cuda") if use_amp else contextlib.nullcontext():
-                    loss = loss_fn(model(images), masks)
-                losses.append(loss.item())
-                if not math.isfinite(losses[-1]):
-                    raise _diverged(run_dir, config, saved_epoch, epoch, f"the loss became {losses[-1]} at step {step + 1}")
-                scaler.scale(loss).backward()
-                scaler.step(optimizer)
-                scaler.update()
-                bar.set_postfix(loss=f"{losses[-1]:.4f}")
-            broken = _first_non_finite(model)
-            if broken:
-                raise _diverged(run_dir, config, saved_epoch, epoch, f"weight {broken} became non-finite")
-            val_dice = validation_dice(model, val_set, config.batch_size, device, use_amp)
+        def diverged(what: str) -> TrainingDiverged:
+            return _diverged(run_dir, config, saved_epoch, epoch, what)
 
-            # --- bookkeeping: a Ctrl-C here waits until last.pt holds this complete epoch ------
-            with _interrupts_deferred():
-                row = {
-                    "epoch": epoch,
-                    "train_loss": float(np.mean(losses)),
-                    "val_dice": val_dice,
-                    "epoch_seconds": time.perf_counter() - tic,
-                    "lr": optimizer.param_groups[0]["lr"],
-                }
-                history.append(row)
-                improved = stopper.update(val_dice, epoch)
-                state = _state(config, model, optimizer, scaler, stopper, history, epoch, identity)
-                if not config_written:  # with the first checkpoint: a run that saved nothing leaves nothing
-                    write_json(run_dir / "config.json", config.to_dict())
-                    config_written = True
-                save_checkpoint(state, last_path)  # first: a resume can always rebuild best.pt from it
-                saved_epoch = epoch
-                if improved:
-                    save_checkpoint(_without_optimizer(state), run_dir / "best.pt")
-                _write_history(run_dir, history)
-            if progress:
-                mark = " *" if stopper.best_epoch == epoch else ""
-                print(f"epoch {epoch + 1:3d}  loss {row['train_loss']:.4f}  val Dice {val_dice:.4f}  {row['epoch_seconds']:.1f} s{mark}")
+        # --- epochs: one bar for the call, reset at each epoch -----------------------------------
+        steps = len(_train_loader(train_set, config, plan, start_epoch))  # the same in every epoch
+        with _cudnn_benchmark(plan.cudnn_benchmark), tqdm(total=steps, disable=not progress, leave=False, unit="step") as bar:
+            log, timer = _Log(bar), None
+            for epoch in range(start_epoch, config.max_epochs):
+                if stopper.should_stop:
+                    break
+                tic = _clock()
+                loader = _train_loader(train_set, config, plan, epoch)
+                bar.reset(total=steps)
+                bar.set_description(f"epoch {epoch + 1}/{config.max_epochs}")
+                if progress and epoch == start_epoch:  # the call's first epoch: estimate the time it takes
+
+                    def report(step_seconds: float) -> None:
+                        validation = _validation_seconds(model, val_set, plan, device)
+                        epochs_left = config.max_epochs - start_epoch
+                        log.write(_estimate(step_seconds, steps, validation, epochs_left, config.time_budget, tic - started))
+
+                    timer = _StepTimer(device, steps, report)
+                model.train()
+                losses = _train_epoch(model, optimizer, scaler, loss_fn, loader, plan, device, bar, timer, diverged)
+                timer = None
+                broken = _first_non_finite(model)
+                if broken:
+                    raise diverged(f"weight {broken} became non-finite")
+                with _autocast(device, plan):  # validation in the training's precision
+                    val_dice = validation_dice(model, val_set, plan.validation_batch, device, amp=False)
+
+                # --- bookkeeping: a Ctrl-C here waits until last.pt holds this complete epoch --
+                with _interrupts_deferred():
+                    row = {
+                        "epoch": epoch,
+                        "train_loss": float(np.mean(losses)),
+                        "val_dice": val_dice,
+                        "epoch_seconds": _clock() - tic,
+                        "lr": optimizer.param_groups[0]["lr"],
+                    }
+                    history.append(row)
+                    improved = stopper.update(val_dice, epoch)
+                    state = _state(config, model, optimizer, scaler, stopper, history, epoch, identity)
+                    if not config_written:  # with the first checkpoint: a run that saved nothing leaves nothing
+                        write_json(run_dir / "config.json", config.to_dict())
+                        config_written = True
+                    save_checkpoint(state, last_path)  # first: a resume can always rebuild best.pt from it
+                    saved_epoch = epoch
+                    if improved:
+                        save_checkpoint(_without_optimizer(state), run_dir / "best.pt")
+                    _write_history(run_dir, history)
+                if progress:
+                    log.write(_epoch_line(row, config.max_epochs, stopper))
+                if epoch + 1 < config.max_epochs and not stopper.should_stop:
+                    budget_note = _over_budget(config, epoch, started, tic, last_path)
+                    if budget_note:
+                        break
     except TrainingInterrupted:
         raise
     except KeyboardInterrupt:
@@ -311,8 +475,188 @@ def _fit(config, run_dir, device, data_dir, resume, progress, cache_dir, started
         # so a resumed run continues exactly as an uninterrupted one.
         raise TrainingInterrupted(run_dir, saved_epoch, epoch) from None
 
-    card = RunCard.describe(config, data_dir, device, len(history), time.perf_counter() - started)
-    return FitResult(run_dir, history, stopper.best_epoch, stopper.best_score, stopper.should_stop, card)
+    if budget_note and progress:
+        print(budget_note)
+    card = RunCard.describe(config, data_dir, device, len(history), _clock() - started)
+    return FitResult(run_dir, history, stopper.best_epoch, stopper.best_score, stopper.should_stop, card, budget_note is not None)
+
+
+def _over_budget(config: TrainConfig, epoch: int, started: float, tic: float, last_path: Path) -> str | None:
+    """Why the call stops after ``epoch`` (begun at ``tic``; the call at ``started``), or ``None``
+    if another epoch as long as it would still end within ``config.time_budget``."""
+    if config.time_budget is None:
+        return None
+    now = _clock()
+    if now - started + (now - tic) <= config.time_budget * 60:
+        return None
+    return (f"time budget: stopped after epoch {epoch + 1} of at most {config.max_epochs}, as another epoch of about "
+            f"{_duration(now - tic)} would end past the budget of {_duration(config.time_budget * 60)} "
+            f"({_duration(now - started)} spent); {last_path} holds it: resume to continue")
+
+
+def _train_loader(train_set: SliceDataset, config: TrainConfig, plan: TrainingPlan, epoch: int) -> DataLoader:
+    """The epoch's training batches: a seeded order that depends on the epoch only, so a resumed
+    run draws what an uninterrupted one would; all slices, or ``config.slices_per_epoch``."""
+    order = torch.Generator().manual_seed(config.seed * 1_000_003 + epoch)
+    sampler = RandomSampler(train_set, num_samples=config.slices_per_epoch, generator=order)
+    workers = {}
+    if plan.loader_workers:  # forked, so the slices in memory are shared, not pickled
+        workers = {"num_workers": plan.loader_workers, "prefetch_factor": PREFETCH_BATCHES, "multiprocessing_context": "fork"}
+    return DataLoader(train_set, batch_size=config.batch_size, sampler=sampler, pin_memory=plan.pin_memory, **workers)
+
+
+def _train_epoch(model, optimizer, scaler, loss_fn, loader, plan: TrainingPlan, device, bar, timer, diverged) -> list[float]:
+    """Train one epoch; return the loss of each step.
+
+    Each step's loss is read back to the host one step late, so that the GPU always has the next
+    step queued while the host waits for a number (on the CPU this changes nothing). A
+    non-finite loss raises ``diverged(...)`` naming its step; that step and the next have then
+    changed the weights, but nothing of the epoch is ever saved.
+    """
+    losses: list[float] = []
+
+    def read(step: int, loss: torch.Tensor) -> None:
+        value = loss.item()
+        if not math.isfinite(value):
+            raise diverged(f"the loss became {value} at step {step + 1}")
+        losses.append(value)
+        bar.set_postfix(loss=f"{value:.4f}", refresh=False)
+
+    layout = {"memory_format": torch.channels_last} if plan.channels_last else {}
+    pending = None
+    for step, (images, masks) in enumerate(loader):
+        images, masks = images.to(device, non_blocking=True, **layout), masks.to(device, non_blocking=True, **layout)
+        optimizer.zero_grad(set_to_none=True)
+        with _autocast(device, plan):
+            loss = loss_fn(model(images), masks)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        if pending is not None:
+            read(*pending)
+        pending = (step, loss.detach())
+        bar.update()
+        if timer is not None:
+            timer.after(step)
+    if pending is not None:
+        read(*pending)
+    return losses
+
+
+class _Log:
+    """Where :func:`fit` writes its estimate and epoch lines.
+
+    In a terminal, standard output, above the text progress bar (``tqdm.write``). Where the bar
+    is a widget (a Jupyter or Colab kernel), one text output that each line updates in place: an
+    executed notebook then holds one output for all the lines however many epochs ran, where
+    printing would leave one output per epoch (a kernel sends the lines of each epoch as a
+    message of their own, and the book's executor, nbclient, keeps each message as an output).
+    """
+
+    def __init__(self, bar):
+        self.bar, self.lines, self.handle = bar, [], None
+        self.in_place = any(kind.__module__ == "tqdm.notebook" for kind in type(bar).__mro__)  # as tqdm.auto chose
+
+    def write(self, line: str) -> None:
+        if not self.in_place:
+            self.bar.write(line)
+            return
+        from IPython.display import display
+
+        self.lines.append(line)
+        text = {"text/plain": "\n".join(self.lines)}
+        if self.handle is None:
+            self.handle = display(text, raw=True, display_id=True)
+        else:
+            self.handle.update(text, raw=True)
+
+
+def _autocast(device: torch.device, plan: TrainingPlan):
+    """Autocast to the plan's dtype, or nothing for float32."""
+    return torch.autocast(device.type, dtype=plan.autocast) if plan.autocast is not None else contextlib.nullcontext()
+
+
+@contextlib.contextmanager
+def _cudnn_benchmark(enabled: bool):
+    """Set ``torch.backends.cudnn.benchmark`` while the block runs (if ``enabled``), then restore it."""
+    before = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = before or enabled
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.benchmark = before
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class _StepTimer:
+    """Times the steps of an epoch after :data:`WARMUP_STEPS` warm-up steps, then calls
+    ``report(seconds per step)`` once, after :data:`ESTIMATE_STEPS` timed steps (fewer if the
+    epoch is shorter; never for an epoch of one step)."""
+
+    def __init__(self, device: torch.device, steps: int, report):
+        self.device, self.report, self.start = device, report, None
+        self.last = min(WARMUP_STEPS + ESTIMATE_STEPS, steps) - 1  # the step whose end stops the clock
+
+    def after(self, step: int) -> None:
+        if step == WARMUP_STEPS - 1 and step < self.last:
+            _synchronize(self.device)
+            self.start = _clock()
+        elif step == self.last and self.start is not None:
+            _synchronize(self.device)
+            self.report((_clock() - self.start) / (self.last - WARMUP_STEPS + 1))
+
+
+def _validation_seconds(model, val_set: SliceDataset, plan: TrainingPlan, device) -> float:
+    """Seconds a validation pass will take: the first validation study predicted once (after a
+    warm-up batch), scaled to all validation slices."""
+    first = val_set.studies[0].images
+    with _autocast(device, plan):
+        predict_probabilities(model, first[: plan.validation_batch], plan.validation_batch, device)
+        _synchronize(device)
+        tic = _clock()
+        predict_probabilities(model, first, plan.validation_batch, device)
+        _synchronize(device)
+    return (_clock() - tic) * len(val_set) / first.shape[0]
+
+
+def _estimate(step_seconds: float, steps: int, validation_seconds: float, epochs: int, budget_minutes: float | None, spent: float) -> str:
+    """The estimate line: an epoch's time (training and validation) and the time of ``epochs``
+    more, with the epochs the time budget allows if it ends the run sooner. ``spent``: seconds
+    already used before the first epoch (data loading), which count against the budget."""
+    epoch_seconds = step_seconds * steps + validation_seconds
+    line = (f"estimate: {_duration(epoch_seconds)} per epoch ({_duration(step_seconds * steps)} of {steps} training steps, "
+            f"{_duration(validation_seconds)} of validation); at most {_duration(epoch_seconds * epochs)} for "
+            f"{epochs} {'epoch' if epochs == 1 else 'epochs'}")
+    line += " (early stopping usually ends sooner)" if epochs > 1 else ""
+    if budget_minutes is not None:
+        allowed = max(1, math.floor((budget_minutes * 60 - spent) / epoch_seconds))
+        if allowed < epochs:
+            line += f"; the time budget of {_duration(budget_minutes * 60)} stops it after about {allowed} {'epoch' if allowed == 1 else 'epochs'}"
+    return line
+
+
+def _duration(seconds: float) -> str:
+    """A duration for people: '0.25 s', '8.2 s', '41 s', '12 min', '1.1 h'."""
+    if seconds < 1:
+        return f"{seconds:.2g} s"
+    if seconds < 10:
+        return f"{seconds:.1f} s"
+    if seconds < 60:
+        return f"{seconds:.0f} s"
+    if seconds < 3600:
+        return f"{seconds / 60:.1f} min" if seconds < 600 else f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+def _epoch_line(row: dict, max_epochs: int, stopper: EarlyStopping) -> str:
+    """'epoch  3/100  train loss 0.4123  val Dice 0.6120  41.2 s  best 0.6120 (epoch 3)'."""
+    width = len(str(max_epochs))
+    return (f"epoch {row['epoch'] + 1:>{width}}/{max_epochs}  train loss {row['train_loss']:.4f}  val Dice {row['val_dice']:.4f}  "
+            f"{row['epoch_seconds']:.1f} s  best {stopper.best_score:.4f} (epoch {stopper.best_epoch + 1})")
 
 
 def _first_non_finite(model: torch.nn.Module) -> str | None:
