@@ -19,9 +19,10 @@ from covidseg.checkpoint import load_checkpoint
 from covidseg.config import MODEL_NAMES
 from covidseg.losses import build_loss
 from covidseg.models import build_model
+from covidseg.splits import get_split
 from covidseg.training import MAX_LOADER_WORKERS, VALIDATION_BATCH_FACTOR, TrainingPlan, fit, plan_training
 
-from conftest import tiny_config
+from conftest import REPO, tiny_config
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -147,3 +148,27 @@ def test_loss_scaling_is_saved_and_resumed(tiny50, tmp_path, monkeypatch):
     monkeypatch.setattr(training, "_device_plan", lambda config, device: half)
     fit(CONFIG.replace(max_epochs=3), run, data_dir=tiny50, resume=True, progress=False)
     assert resumed == [saved["scale"]]
+
+
+def test_the_gpu_benchmark_runs_both_paths_end_to_end_on_the_cpu(tiny50, monkeypatch):
+    """``benchmarks/gpu.py`` in its CPU smoke mode: every variant of a model trains for the same
+    steps and is compared with the plain one (the figures themselves mean nothing on the CPU)."""
+    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
+    import _common
+    import gpu
+
+    written = []
+    monkeypatch.setattr(_common, "write_results", lambda name, payload, machine=None: written.append((name, payload)))
+    results = gpu.main(["--device", "cpu", "--data", str(tiny50), "--size", "16", "--models", "unet", "--epochs", "2",
+                        "--slices-per-epoch", "16", "--skip", "1", "--matmul-size", "64", "--results-name", "smoke"])
+    assert written[-1] == ("smoke", results) and results["finished"]
+    assert results["settings"]["data"] == "real MosMedData"  # what tiny50 looks like: not marked as a phantom
+    assert any("CPU SMOKE RUN" in note for note in results["notes"])
+    unet = results["models"]["unet"]
+    plain, tuned = unet["variants"]["plain"][0], unet["variants"]["tuned"][0]
+    assert plain["steps_run"] == tuned["steps_run"] == 2 * 16 // 8 and plain["epochs_run"] == tuned["epochs_run"] == 2
+    assert plain["plan"] == tuned["plan"] and plain["plan"]["autocast"] == "float32"
+    assert plain["val_dice_per_epoch"] == tuned["val_dice_per_epoch"], "on the CPU both variants train the same plan"
+    assert plain["train_images_per_s"] > 0 and tuned["train_images_per_s"] > 0
+    assert unet["against_plain"]["tuned"]["val_dice_difference"] == [0.0]
+    assert unet["predict_s_per_study"]["studies"] == len(get_split("thesis").val)
