@@ -117,6 +117,36 @@ def tiny_config(**changes) -> TrainConfig:
     return get_preset("quick").replace(**{**TINY_SETTINGS, **changes})
 
 
+RESUME_CONFIG = tiny_config(lr=1e-2, max_epochs=6)
+"""A run to stop and resume: six epochs, at a rate at which validation Dice moves."""
+
+
+def comparable(history) -> list[tuple]:
+    """What must agree exactly between two CPU runs of one config (the epoch times never do)."""
+    return [(row["epoch"], row["train_loss"], row["val_dice"]) for row in history]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tiny50, tmp_path_factory) -> list[tuple]:
+    """:func:`comparable` history of :data:`RESUME_CONFIG` trained on :func:`tiny50` in one go."""
+    from covidseg.training import fit
+
+    result = fit(RESUME_CONFIG, tmp_path_factory.mktemp("uninterrupted") / "run", data_dir=tiny50, progress=False)
+    assert len(result.history) == RESUME_CONFIG.max_epochs, "early stopping must not end the reference run"
+    return comparable(result.history)
+
+
+class FakeClock:
+    """A clock for ``monkeypatch.setattr(training, "_clock", ...)`` that stands still except when a
+    test advances ``now`` (seconds)."""
+
+    def __init__(self, now: float = 1000.0):
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """One CPU thread: tiny models run faster without thread hand-offs, and a shared CPU is not oversubscribed."""

@@ -21,12 +21,10 @@ import torch
 import covidseg.training as training
 from covidseg.checkpoint import load_checkpoint
 from covidseg.cli import EXIT_INTERRUPTED, main
-from covidseg.training import fit
 
-from conftest import REPO, TINY_TRAIN_FLAGS, tiny_config
+from conftest import REPO, RESUME_CONFIG, TINY_TRAIN_FLAGS, comparable
 
-EPOCHS = 6
-CONFIG = tiny_config(lr=1e-2, max_epochs=EPOCHS)  # a rate at which validation Dice moves
+EPOCHS = RESUME_CONFIG.max_epochs
 FLAGS = (*TINY_TRAIN_FLAGS, "--lr", "0.01")
 POLL_SECONDS = 0.01
 START_TIMEOUT_S = 240  # a cold start on a busy machine: importing torch and decoding the data
@@ -50,18 +48,6 @@ def python_sigint():
 @pytest.fixture(scope="module")
 def data(tiny50) -> Path:
     return tiny50
-
-
-@pytest.fixture(scope="module")
-def reference(data, tmp_path_factory) -> list[tuple]:
-    """The history of an uninterrupted run."""
-    result = fit(CONFIG, tmp_path_factory.mktemp("reference") / "run", data_dir=data, progress=False)
-    return strip(result.history)
-
-
-def strip(history) -> list[tuple]:
-    """What must agree exactly between runs (the epoch times never do)."""
-    return [(row["epoch"], row["train_loss"], row["val_dice"]) for row in history]
 
 
 def read_history(run: Path) -> list[dict]:
@@ -91,7 +77,7 @@ def wait_for_epochs(process: subprocess.Popen, run: Path, count: int, logs: Path
         time.sleep(POLL_SECONDS)
 
 
-def test_sigkill_mid_epoch_resumes_exactly(data, reference, tmp_path, capsys):
+def test_sigkill_mid_epoch_resumes_exactly(data, uninterrupted, tmp_path, capsys):
     run = tmp_path / "run"
     process = start_training(data, run, tmp_path)
     wait_for_epochs(process, run, 2, tmp_path)
@@ -101,11 +87,11 @@ def test_sigkill_mid_epoch_resumes_exactly(data, reference, tmp_path, capsys):
     saved = load_checkpoint(run / "last.pt")  # intact, whatever the moment of the kill
     before = read_history(run)
     assert saved["epoch"] >= 1 and len(saved["history"]) == saved["epoch"] + 1
-    assert strip(before) == strip(saved["history"])[: len(before)]
+    assert comparable(before) == comparable(saved["history"])[: len(before)]
 
     assert main(train_args(data, run, "--resume")) == 0
     after = read_history(run)
-    assert strip(after) == reference, "the resumed run must continue exactly as an uninterrupted one"
+    assert comparable(after) == uninterrupted, "the resumed run must continue exactly as an uninterrupted one"
     assert after[: saved["epoch"] + 1] == saved["history"], "completed epochs are kept, not trained again"
 
 
@@ -125,7 +111,7 @@ def test_ctrl_c_saves_and_exits_cleanly(data, tmp_path, python_sigint):
     assert message.endswith(f": covidseg {' '.join(train_args(data, run))} --resume")
 
 
-def test_ctrl_c_mid_epoch_writes_nothing_of_that_epoch(data, reference, tmp_path, capsys, monkeypatch):
+def test_ctrl_c_mid_epoch_writes_nothing_of_that_epoch(data, uninterrupted, tmp_path, capsys, monkeypatch):
     run = tmp_path / "run"
     real = training.validation_dice
     calls = []
@@ -146,7 +132,7 @@ def test_ctrl_c_mid_epoch_writes_nothing_of_that_epoch(data, reference, tmp_path
     )
     assert load_checkpoint(run / "last.pt")["epoch"] == 0 and len(read_history(run)) == 1
     assert main(train_args(data, run, "--resume")) == 0
-    assert strip(read_history(run)) == reference
+    assert comparable(read_history(run)) == uninterrupted
 
 
 def test_ctrl_c_while_saving_waits_for_the_complete_checkpoint(data, tmp_path, capsys, monkeypatch, python_sigint):
@@ -170,7 +156,7 @@ class _Killed(BaseException):
 
 
 @pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="needs /proc to tell files apart")
-def test_kill_while_writing_a_checkpoint_never_corrupts_last_pt(data, reference, tmp_path, capsys, monkeypatch):
+def test_kill_while_writing_a_checkpoint_never_corrupts_last_pt(data, uninterrupted, tmp_path, capsys, monkeypatch):
     run = tmp_path / "run"
     assert main(train_args(data, run)[:-2] + ["--epochs", "1"]) == 0
     before = (run / "last.pt").read_bytes()
@@ -210,7 +196,7 @@ def test_kill_while_writing_a_checkpoint_never_corrupts_last_pt(data, reference,
     stale.write_bytes(before[: len(before) // 2])
     assert main(train_args(data, run, "--resume")) == 0
     assert not stale.exists(), "a resumed run removes what a killed one left half written"
-    assert strip(read_history(run)) == reference
+    assert comparable(read_history(run)) == uninterrupted
 
 
 

@@ -13,24 +13,16 @@ from nbclient import NotebookClient
 import covidseg.training as training
 from covidseg.training import fit
 
-from conftest import tiny_config
+from conftest import RESUME_CONFIG, FakeClock
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-EPOCHS = 6
-CONFIG = tiny_config(lr=1e-2, max_epochs=EPOCHS)  # 64 slices in batches of 16: 4 steps per epoch
+CONFIG = RESUME_CONFIG  # 6 epochs of 64 slices in batches of 16: 4 steps per epoch
+EPOCHS = CONFIG.max_epochs
 WARMUP_S, STEP_S, PREDICT_S = 4.0, 0.25, 0.5
 """Fake seconds of the first training step, of every other step, and of a prediction call (one
 per validation study; tiny50's 5 validation studies have 3 slices each). Binary fractions, so
 the sums below are exact."""
-
-
-class FakeClock:
-    def __init__(self):
-        self.now = 100.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 @pytest.fixture

@@ -22,42 +22,14 @@ from covidseg.cli import EXIT_ERROR, main
 from covidseg.config import ConfigError
 from covidseg.training import fit
 
-from conftest import REPO, TINY_TRAIN_FLAGS, tiny_config
+from conftest import REPO, RESUME_CONFIG, TINY_TRAIN_FLAGS, FakeClock, comparable
 
-EPOCHS = 6
-CONFIG = tiny_config(lr=1e-2, max_epochs=EPOCHS)  # as tests/test_interrupt.py: validation Dice moves
+CONFIG = RESUME_CONFIG
+EPOCHS = CONFIG.max_epochs
 EPOCH_SECONDS = 60.0
 """What each epoch costs on the fake clock (added when the epoch's validation runs)."""
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-@pytest.fixture(scope="module")
-def data(tiny50) -> Path:
-    return tiny50
-
-
-@pytest.fixture(scope="module")
-def reference(data, tmp_path_factory) -> list[tuple]:
-    """The history of an uninterrupted run, without a budget."""
-    result = fit(CONFIG, tmp_path_factory.mktemp("reference") / "run", data_dir=data, progress=False)
-    assert len(result.history) == EPOCHS and not result.stopped_by_budget, "early stopping must not end the reference"
-    return strip(result.history)
-
-
-def strip(history) -> list[tuple]:
-    """What must agree exactly between runs (the epoch times never do)."""
-    return [(row["epoch"], row["train_loss"], row["val_dice"]) for row in history]
-
-
-class FakeClock:
-    """A clock that stands still except when told to advance."""
-
-    def __init__(self):
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 @pytest.fixture
@@ -83,9 +55,9 @@ def clock(monkeypatch) -> FakeClock:
         (0.5, 1),  # less than one epoch: one epoch is trained all the same
     ],
 )
-def test_the_budget_stops_after_the_epoch_whose_successor_would_pass_it(data, clock, tmp_path, minutes, epochs):
+def test_the_budget_stops_after_the_epoch_whose_successor_would_pass_it(tiny50, clock, tmp_path, minutes, epochs):
     run = tmp_path / "run"
-    result = fit(CONFIG.replace(time_budget=minutes), run, data_dir=data, progress=False)
+    result = fit(CONFIG.replace(time_budget=minutes), run, data_dir=tiny50, progress=False)
     assert result.stopped_by_budget and not result.stopped_early
     assert [row["epoch"] for row in result.history] == list(range(epochs))
     saved = load_checkpoint(run / "last.pt")  # complete and loadable
@@ -94,20 +66,20 @@ def test_the_budget_stops_after_the_epoch_whose_successor_would_pass_it(data, cl
     assert load_checkpoint(run / "best.pt")["epoch"] == result.best_epoch
 
 
-def test_a_budget_reached_at_the_epoch_cap_is_not_a_budget_stop(data, clock, tmp_path):
-    result = fit(CONFIG.replace(max_epochs=3, time_budget=3.5), tmp_path / "run", data_dir=data, progress=False)
+def test_a_budget_reached_at_the_epoch_cap_is_not_a_budget_stop(tiny50, clock, tmp_path):
+    result = fit(CONFIG.replace(max_epochs=3, time_budget=3.5), tmp_path / "run", data_dir=tiny50, progress=False)
     assert len(result.history) == 3 and not result.stopped_by_budget
 
 
-def test_resuming_with_another_budget_or_none_continues_exactly(data, clock, reference, tmp_path):
+def test_resuming_with_another_budget_or_none_continues_exactly(tiny50, clock, uninterrupted, tmp_path):
     run = tmp_path / "run"
-    first = fit(CONFIG.replace(time_budget=3.5), run, data_dir=data, progress=False)
+    first = fit(CONFIG.replace(time_budget=3.5), run, data_dir=tiny50, progress=False)
     assert first.stopped_by_budget and len(first.history) == 3
-    second = fit(CONFIG.replace(time_budget=1.5), run, data_dir=data, resume=True, progress=False)  # 1 + 1 > 1.5 after one
+    second = fit(CONFIG.replace(time_budget=1.5), run, data_dir=tiny50, resume=True, progress=False)  # 1 + 1 > 1.5 after one
     assert second.stopped_by_budget and len(second.history) == 4
-    last = fit(CONFIG, run, data_dir=data, resume=True, progress=False)  # no budget: to the epoch cap
+    last = fit(CONFIG, run, data_dir=tiny50, resume=True, progress=False)  # no budget: to the epoch cap
     assert not last.stopped_by_budget
-    assert strip(last.history) == reference, "a run stopped by its budget and resumed equals an uninterrupted one"
+    assert comparable(last.history) == uninterrupted, "a run stopped by its budget and resumed equals an uninterrupted one"
     assert last.history[:4] == second.history, "the epochs of the earlier calls are kept, not trained again"
 
 
@@ -136,9 +108,9 @@ def _printed_resume_command(stdout: str) -> list[str]:
     return command
 
 
-def test_the_command_line_prints_a_resume_command_that_works(data, reference, tmp_path):
+def test_the_command_line_prints_a_resume_command_that_works(tiny50, uninterrupted, tmp_path):
     run = tmp_path / "run"
-    typed = ["train", "--data", str(data), "--out", str(run), *TINY_TRAIN_FLAGS, "--lr", "0.01", "--epochs", str(EPOCHS),
+    typed = ["train", "--data", str(tiny50), "--out", str(run), *TINY_TRAIN_FLAGS, "--lr", "0.01", "--epochs", str(EPOCHS),
              "--time-budget", "0.0001"]  # 6 ms: less than any epoch, so each call trains exactly one
     first = _covidseg(typed, tmp_path)
     assert first.returncode == 0, first.stderr
@@ -154,4 +126,4 @@ def test_the_command_line_prints_a_resume_command_that_works(data, reference, tm
 
     without_budget = [arg for arg in command[1:] if arg not in ("--time-budget", "0.0001")]
     assert main(without_budget) == 0
-    assert strip(json.loads((run / "history.json").read_text())) == reference
+    assert comparable(json.loads((run / "history.json").read_text())) == uninterrupted
