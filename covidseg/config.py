@@ -95,8 +95,8 @@ class TrainConfig:
 
     Two fields say how a run is executed, not what it learns, so a run may be resumed with
     other values (:data:`RESUMABLE_CHANGES`): ``fast_gpu`` (the tuned CUDA path of
-    :func:`covidseg.training.plan_training`; off, CUDA training runs as before it existed: float16
-    autocast with loss scaling and nothing else) and ``time_budget`` (minutes; ``None``: no budget).
+    :func:`covidseg.training.plan_training`; off, CUDA training uses float16 autocast with loss
+    scaling and nothing else) and ``time_budget`` (minutes; ``None``: no budget).
     The budget counts from the start of :func:`covidseg.training.fit`, data loading included.
     After each epoch, with ``elapsed`` the minutes since then and ``last`` that epoch's minutes,
     training stops if ``elapsed + last > time_budget``: a next epoch as long as the last one would
@@ -134,9 +134,9 @@ class TrainConfig:
     )
     time_budget: float | None = field(
         default=None,
-        metadata=_help("minutes this call may train: after each epoch, training stops if the time since it started plus "
-                       "that epoch's duration exceeds MINUTES (the next epoch would likely end past the budget); at least "
-                       "one epoch is trained, last.pt holds the last epoch and --resume continues; none: no budget",
+        metadata=_help("minutes for this call: after each epoch, training stops if the minutes since the call began (data "
+                       "loading included) plus that epoch's minutes exceed MINUTES, as the next epoch would likely end past "
+                       "them; at least one epoch is trained, last.pt holds the last one and --resume continues; none: no budget",
                        above=0.0, none="none", metavar="MINUTES"),
     )
     preset: str = field(default="custom", compare=False, metadata=_help("name of the preset this came from"))

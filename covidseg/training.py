@@ -193,10 +193,11 @@ def plan_training(device_type: str, amp: bool, fast_gpu: bool, batch_size: int, 
     - The CPU and MPS: float32, the model and batches as they are, no worker processes
       (``amp`` and ``fast_gpu`` change nothing there: CPU training stays bit-for-bit repeatable).
     - CUDA with ``fast_gpu`` off: float16 autocast with a gradient scaler if ``amp``, else
-      float32; batches pinned; nothing else (the CUDA path before ``fast_gpu`` existed).
+      float32; batches pinned; nothing else (the CUDA path before ``fast_gpu`` existed, except
+      that each step's loss is now read back one step late, on every path).
     - CUDA with ``fast_gpu`` on: bfloat16 autocast where the GPU has bfloat16 tensor cores
       (compute capability 8.0 and later: A100, L4, H100) and then no scaler, else float16 with a
-      scaler (the T4 of free Colab; its "bfloat16" is emulated, and slower than float32), if
+      scaler (the T4 of free Colab, whose bfloat16 is emulated, without tensor cores), if
       ``amp``; channels-last layout, cuDNN autotuning, fused Adam, up to
       :data:`MAX_LOADER_WORKERS` loader workers (one per spare CPU), and validation in
       :data:`VALIDATION_BATCH_FACTOR` times larger batches.
