@@ -290,7 +290,8 @@ def fit(
         TrainingInterrupted: On Ctrl-C; ``last.pt`` then holds the last completed epoch, intact,
             and nothing of the interrupted epoch is written.
 
-    Example:
+    Example::
+
         Two epochs of a tiny U-Net on the synthetic phantom (not patient data) at 32 px, in
         seconds on a CPU:
 
