@@ -37,6 +37,7 @@ __all__ = [
     "MODEL_SIZE_MULTIPLE",
     "SEED_RANGE",
     "RESUMABLE_CHANGES",
+    "EXECUTION_SETTINGS",
 ]
 
 MODEL_NAMES = ("unet", "unet-vgg19", "unet-resnet34", "unet-mobilenetv2")
@@ -174,6 +175,10 @@ class TrainConfig:
             raise ValueError(f"unknown config fields: {', '.join(unknown)}")
         return cls(**values)
 
+    def identity(self) -> dict:
+        """:meth:`to_dict` without :data:`EXECUTION_SETTINGS`: what identifies the trained run."""
+        return {name: value for name, value in self.to_dict().items() if name not in EXECUTION_SETTINGS}
+
     def differences(self, other: TrainConfig, ignore=None) -> list[str]:
         """Names of the fields that differ from ``other``, except those in ``ignore`` (default
         :data:`RESUMABLE_CHANGES`: the fields a resumed run may change)."""
@@ -188,7 +193,11 @@ class TrainConfig:
 _FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
 
 
-RESUMABLE_CHANGES = ("max_epochs", "device", "preset", "fast_gpu", "time_budget")
+EXECUTION_SETTINGS = ("fast_gpu", "time_budget")
+"""Fields that say how fast and for how long one call trains, not what the run learns: left out of
+a run's identity (:meth:`TrainConfig.identity`), so a finished run is reused whatever they were."""
+
+RESUMABLE_CHANGES = ("max_epochs", "device", "preset", *EXECUTION_SETTINGS)
 """Fields a run may be resumed with other values of: how long, where and how fast it trains, not
 what it trains (checked by :meth:`TrainConfig.differences` against a checkpoint's config)."""
 

@@ -131,8 +131,10 @@ def train_or_reuse(config: TrainConfig, data_dir, run_dir=None, progress: bool =
     """Train ``config`` on ``data_dir`` unless a finished run of the same config, data and code
     exists; resume an unfinished one.
 
-    A run is identified by its config, the identity of its data
+    A run is identified by its config (less how fast and how long one call trains:
+    :meth:`~covidseg.config.TrainConfig.identity`), the identity of its data
     (:func:`covidseg.sources.data_identity`) and the package's code (:func:`code_fingerprint`).
+    A run stopped by ``config.time_budget`` is not finished: the next call resumes it.
     No run is ever deleted or written over: if ``run_dir`` holds a run of another identity (or
     files that are no run), it is kept as it is, and the new run is trained beside it, in
     ``<run_dir>-<digest of its identity>``, where the next call finds and reuses it.
@@ -158,7 +160,7 @@ def train_or_reuse(config: TrainConfig, data_dir, run_dir=None, progress: bool =
     run_dir = Path(run_dir or run_dir_for(config))
     split = get_split(config.split)
     identity = {
-        "config": config.to_dict(),
+        "config": config.identity(),
         "code": code_fingerprint(),
         "data": data_identity(annotated_studies(data_dir, split.train + split.val)),
     }
@@ -188,6 +190,10 @@ def train_or_reuse(config: TrainConfig, data_dir, run_dir=None, progress: bool =
             raise
         target = _beside(run_dir, beside, f"its unfinished run does not match ({exc.problem})")
         result = fit(config, target, data_dir=data_dir, resume=(target / "last.pt").is_file(), progress=progress)
+    if result.stopped_by_budget:  # not finished: the next call resumes it from last.pt
+        if progress:
+            print(f"the run in {target} stopped for its time budget; run this cell again to continue it")
+        return target, result.history
     write_json(target / "finished.json", {**identity, "best_epoch": result.best_epoch, "card": result.card.to_dict()})
     return target, result.history
 

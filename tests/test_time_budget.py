@@ -127,3 +127,21 @@ def test_the_command_line_prints_a_resume_command_that_works(tiny50, uninterrupt
     without_budget = [arg for arg in command[1:] if arg not in ("--time-budget", "0.0001")]
     assert main(without_budget) == 0
     assert comparable(json.loads((run / "history.json").read_text())) == uninterrupted
+
+
+def test_a_chapter_run_stopped_by_its_budget_is_resumed_by_the_next_call_then_reused(tiny50, clock, uninterrupted, tmp_path):
+    from covidseg import notebook
+
+    run = tmp_path / "run"
+    first_dir, first = notebook.train_or_reuse(CONFIG.replace(time_budget=3.5), tiny50, run, progress=False)
+    assert first_dir == run and len(first) == 3
+    assert not (run / "finished.json").exists(), "a run stopped by its budget is not finished"
+    again_dir, again = notebook.train_or_reuse(CONFIG, tiny50, run, progress=False)  # the cell run again, no budget
+    assert again_dir == run and comparable(again) == uninterrupted
+    assert (run / "finished.json").is_file()
+    # How fast or for how long a call trains is not part of the run's identity: the finished run is
+    # reused, not retrained beside it.
+    fingerprint = (run / "last.pt").stat().st_mtime_ns
+    reused_dir, reused = notebook.train_or_reuse(CONFIG.replace(time_budget=1.0, fast_gpu=False), tiny50, run, progress=False)
+    assert reused_dir == run and comparable(reused) == uninterrupted
+    assert (run / "last.pt").stat().st_mtime_ns == fingerprint
