@@ -15,8 +15,9 @@ import pytest
 from scipy import stats
 
 import covidseg.cross_validation as cv
+import covidseg.training as training
 from covidseg.checkpoint import load_checkpoint, save_checkpoint
-from covidseg.cli import EXIT_ERROR, main
+from covidseg.cli import EXIT_ERROR, EXIT_INTERRUPTED, main
 from covidseg.config import get_preset
 from covidseg.dataset import SliceDataset
 from covidseg.errors import DataError
@@ -281,6 +282,24 @@ def test_cv_quick_on_the_phantom_trains_five_folds_and_prints_the_table(phantom,
     assert main(["cv", "--data", str(phantom), "--out", str(out), *SMALLEST, "--max-epochs", "2"]) == 0
     assert {fold: fingerprint(out / f"fold-{fold}") for fold in cv.FOLDS} == before
     assert json.loads((out / cv.REPORT_NAME).read_text())["per_study"] == report["per_study"]
+
+
+def test_ctrl_c_says_what_is_kept_and_how_to_continue(phantom, tmp_path, capsys, monkeypatch):
+    real, calls = training.validation_dice, []
+
+    def interrupted_in_fold_2(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:  # fold 1 has finished its two epochs; fold 2 is in its first
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(training, "validation_dice", interrupted_in_fold_2)
+    args = ["cv", "--data", str(phantom), "--out", str(tmp_path / "cv"), *SMALLEST, "--max-epochs", "2"]
+    assert main(args) == EXIT_INTERRUPTED
+    message = capsys.readouterr().err.strip().splitlines()[-1]
+    assert message == (f"covidseg: training interrupted during epoch 1; no epoch was completed, so there is nothing to resume; "
+                       f"finished folds are kept, and covidseg {' '.join(args)} continues the rest")
+    assert (tmp_path / "cv" / "fold-1" / "finished.json").is_file() and not (tmp_path / "cv" / "fold-2" / "last.pt").exists()
 
 
 def _start_cv(phantom: Path, out: Path, logs: Path, *extra) -> subprocess.Popen:
