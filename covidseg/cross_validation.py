@@ -125,7 +125,9 @@ def parse_folds(text: str) -> tuple[int, ...]:
         if match is None:
             raise ValueError(f"expected folds such as 1-5, 2 or 1,3,5, got {text!r}")
         low, high = int(match[1]), int(match[2] or match[1])
-        if not (FOLDS[0] <= low <= high <= FOLDS[-1]):
+        if low > high:
+            raise ValueError(f"a range of folds runs upwards, such as 1-3, got {text!r}")
+        if not (FOLDS[0] <= low and high <= FOLDS[-1]):
             raise ValueError(f"folds must lie between {FOLDS[0]} and {FOLDS[-1]} (MiniSeg's five folds), got {text!r}")
         folds.update(range(low, high + 1))
     return tuple(sorted(folds))
