@@ -1,4 +1,4 @@
-"""The ``covidseg`` command: phantom, download, train, evaluate, predict, screen.
+"""The ``covidseg`` command: phantom, download, train, evaluate, predict, screen, cv.
 
 Every problem with the user's input ends in one line ``covidseg: error: ...`` naming the file and
 the problem, and a non-zero exit status, never a Python traceback.
@@ -90,13 +90,14 @@ def _whole_number(low: int, high: int):
     return parse
 
 
-def _add_config_flags(parser: argparse.ArgumentParser) -> None:
+def _add_config_flags(parser: argparse.ArgumentParser, exclude: tuple[str, ...] = ()) -> None:
     """One flag per :class:`TrainConfig` field, its help and valid values from the field's metadata.
 
     A flag not given leaves no attribute (``argparse.SUPPRESS``): the preset's value stands.
+    Fields in ``exclude`` get no flag (the command sets them itself).
     """
     for f in dataclasses.fields(TrainConfig):
-        if f.name in _NOT_FLAGS:
+        if f.name in _NOT_FLAGS or f.name in exclude:
             continue
         meta = f.metadata
         presets = ", ".join(f"{name}: {_shown(getattr(preset, f.name), meta)}" for name, preset in PRESETS.items())
@@ -113,12 +114,22 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
             parser.add_argument(alias, **{**options, "help": argparse.SUPPRESS})
 
 
+def _folds(text: str) -> tuple[int, ...]:
+    """An argparse ``type`` for ``covidseg cv --folds`` (:func:`covidseg.cross_validation.parse_folds`)."""
+    from .cross_validation import parse_folds
+
+    try:
+        return parse_folds(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def _shown(value, meta) -> str:
     return meta.get("none", "none") if value is None else str(value)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The parser of the ``covidseg`` command and its five subcommands.
+    """The parser of the ``covidseg`` command and its subcommands.
 
     It imports nothing heavy: ``covidseg --help`` and ``covidseg COMMAND --help`` answer at once.
     """
@@ -179,6 +190,17 @@ def build_parser() -> argparse.ArgumentParser:
     screen.add_argument("--device", type=_value_of("device"), default="auto", help=device_help)
     screen.add_argument("--batch-size", type=_value_of("batch_size"), default=8, help="slices per forward pass (default 8)")
     screen.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    cv = commands.add_parser("cv", help="cross-validate a model on MiniSeg's five folds, scored out of fold beside MiniSeg's scores")
+    cv.add_argument("--data", type=Path, default=None, help="MosMedData folder (default: $COVIDSEG_DATA or the phantom)")
+    cv.add_argument("--out", type=Path, required=True,
+                    help="folder of the fold runs (OUT/fold-K) and the report; the same command resumes it after an interruption")
+    cv.add_argument("--folds", type=_folds, default=None, metavar="K-L|K,L,...", help="MiniSeg's folds to run (default: 1-5)")
+    cv.add_argument("--preset", choices=sorted(PRESETS), default="thesis", help="the settings flags not given take (default: thesis)")
+    _add_config_flags(cv, exclude=("split",))
+    cv.add_argument("--json", type=Path, default=None,
+                    help="the JSON report (default OUT/cross-validation.json; a new file, or a report this command wrote)")
+    cv.add_argument("--quiet", action="store_true", help="no progress bars or epoch lines")
     return parser
 
 
@@ -275,6 +297,14 @@ def _screen(args) -> None:
         print(summary.report)
 
 
+def _cv(args) -> None:
+    from .cross_validation import FOLDS, cross_validate, format_report
+
+    config = config_from_args(args)
+    report = cross_validate(config, args.out, args.folds or FOLDS, args.data, args.json, progress=not args.quiet)
+    print(format_report(report))
+
+
 def _interrupted(args, argv: list[str], exc: KeyboardInterrupt) -> str:
     """The message printed on Ctrl-C: what is saved, and the command that continues."""
     from .training import TrainingInterrupted
@@ -283,6 +313,9 @@ def _interrupted(args, argv: list[str], exc: KeyboardInterrupt) -> str:
         return "covidseg: interrupted; no output was written"
     if args.command == "screen":
         return f"covidseg: interrupted; the studies done are kept: {shlex.join(['covidseg', *argv])} finishes the rest"
+    if args.command == "cv":
+        what = exc if isinstance(exc, TrainingInterrupted) else "interrupted"
+        return f"covidseg: {what}; finished folds are kept, and {shlex.join(['covidseg', *argv])} continues the rest"
     if args.command != "train" or not isinstance(exc, TrainingInterrupted):
         return "covidseg: interrupted"
     if exc.saved_epoch is None:
@@ -321,7 +354,7 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as exc:  # --help, or a usage error already printed on one line
         return 0 if exc.code is None else exc.code if isinstance(exc.code, int) else EXIT_ERROR
     args.argv = argv  # the command as typed, for the messages that repeat it
-    handler = {"phantom": _phantom, "download": _download, "train": _train, "evaluate": _evaluate, "predict": _predict, "screen": _screen}[args.command]
+    handler = {"phantom": _phantom, "download": _download, "train": _train, "evaluate": _evaluate, "predict": _predict, "screen": _screen, "cv": _cv}[args.command]
     try:
         handler(args)
     except CovidsegError as exc:

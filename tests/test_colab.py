@@ -363,6 +363,18 @@ def _facts(notebook) -> dict:
     return json.loads(line[len(FACTS) :])
 
 
+def _text(cell) -> str:
+    """What a cell shows as text, in order: its printed output and the text of its displays (the
+    progress lines of :func:`covidseg.training.fit` are one display, updated in place)."""
+    parts = []
+    for output in cell.get("outputs", []):
+        if output.get("name") == "stdout":
+            parts.append(output.get("text", ""))
+        elif output.get("output_type") in ("display_data", "update_display_data"):
+            parts.append(output.get("data", {}).get("text/plain", "") + "\n")
+    return "".join(parts)
+
+
 def _training_cell(notebook):
     return next(cell for cell in notebook.cells if "train_or_reuse(" in cell.source and "training" in cell.metadata.get("tags", []))
 
@@ -410,7 +422,7 @@ def test_a_chapter_in_colab_installs_the_release_keeps_drive_shows_progress_and_
     reference = _history(drive_a / "covidseg" / "runs" / Path(facts["run_dir"]).name)
     assert len(reference) == EPOCHS
     assert sorted(p.name for p in first.content.iterdir()) == ["drive"]  # nothing kept outside Drive
-    printed = _epochs_reported(_stdout(_training_cell(done)))
+    printed = _epochs_reported(_text(_training_cell(done)))
     table = [row["epoch"] + 1 for row in reference]  # the chapter's own table at the end of the cell
     assert printed[-EPOCHS:] == table
     assert set(table) <= set(printed[:-EPOCHS]), f"no progress line for some epoch while training: {printed}"
@@ -439,7 +451,7 @@ def test_a_chapter_in_colab_installs_the_release_keeps_drive_shows_progress_and_
     done_before = saved["epoch"] + 1
     assert history[:done_before] == saved["history"], "the epochs in last.pt were trained again"
     assert _without_times(history) == _without_times(reference), "the resumed run differs from an uninterrupted one"
-    trained = _stdout(_training_cell(done))
+    trained = _text(_training_cell(done))
     assert "resum" in trained.lower()
     assert set(range(done_before + 1, EPOCHS + 1)) <= set(_epochs_reported(trained)[:-EPOCHS]), trained
     print("; ".join(f"{what}: {seconds:.0f} s" for what, seconds in times.items()))
