@@ -14,7 +14,7 @@ few hours at most, and less when the browser is idle). Three things let a chapte
    Google Drive is mounted and the data and the training runs are kept in
    ``MyDrive/covidseg/``: running the chapter again after a disconnect finds the data (verified,
    not fetched again) and resumes an unfinished run from its ``last.pt``
-   (:func:`covidseg.notebook.train_or_reuse`); a finished run is reused, never deleted.
+   (:func:`covidseg.runs.train_or_reuse`); a finished run is reused, never deleted.
 
 Nothing happens at import. Outside Colab (:func:`in_colab` is false) nothing here is called.
 """

@@ -6,7 +6,7 @@ cross-validation on the same 50 annotated MosMedData studies; its folds are the 
 fold, validates on the next, trains on the other three). :func:`cross_validate` (``covidseg cv``)
 
 1. trains one run per fold into ``OUT/fold-K`` through
-   :func:`covidseg.notebook.train_or_reuse`: a finished fold is reused, an interrupted one resumes
+   :func:`covidseg.runs.train_or_reuse`: a finished fold is reused, an interrupted one resumes
    from its ``last.pt``, so a rerun of the same command after Ctrl-C or a kill continues where it
    stopped. With several CUDA GPUs each GPU trains its share of the folds in a process of its own
    (:func:`assign_folds`); on one device the folds run one after another;
@@ -105,7 +105,7 @@ PAIRED_TEST = "Wilcoxon signed-rank, two-sided (scipy.stats.wilcoxon)"
 
 _BESIDE = re.compile(r"^fold-[1-5](-[0-9a-f]{8})?$")
 """Folders a cross-validation holds: ``fold-K``, and ``fold-K-<digest>`` where
-:func:`~covidseg.notebook.train_or_reuse` trained a run of another identity beside a kept one."""
+:func:`~covidseg.runs.train_or_reuse` trained a run of another identity beside a kept one."""
 
 
 # --------------------------------------------------------------------------- folds and folders
@@ -206,7 +206,7 @@ def check_out_folder(out: str | os.PathLike) -> Path:
 
 def _train_sequentially(config, out: Path, folds: Sequence[int], data_dir: Path, progress: bool) -> dict[int, tuple]:
     """Train (or reuse, or resume) each fold in turn; fold -> ``(run folder, history)``."""
-    from .notebook import train_or_reuse
+    from .runs import train_or_reuse
 
     runs = {}
     for fold in folds:
@@ -298,7 +298,7 @@ def _train_in_parallel(config, out: Path, shares, data_dir: Path, progress: bool
 def train_folds(config, out: str | os.PathLike, folds: Sequence[int] = FOLDS, data_dir: str | os.PathLike | None = None,
                 progress: bool = True, devices: int | None = None) -> dict[int, tuple[Path, list[dict]]]:
     """Train each chosen fold of ``config`` into ``OUT/fold-K``, reusing finished and resuming
-    interrupted folds (:func:`covidseg.notebook.train_or_reuse`).
+    interrupted folds (:func:`covidseg.runs.train_or_reuse`).
 
     Args:
         config: The :class:`~covidseg.config.TrainConfig`; its ``split`` is replaced per fold.

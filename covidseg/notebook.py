@@ -11,7 +11,6 @@ A chapter's parameters cell calls :func:`choose_setup`:
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import platform
@@ -22,7 +21,7 @@ from .config import QUICK_ENV, TrainConfig, get_preset, preset_from_env
 from .files import write_json
 from .sources import DATA_ENV, data_source
 
-__all__ = ["RUNS_ENV", "ChapterSetup", "versions", "choose_setup", "run_dir_for", "code_fingerprint", "train_or_reuse", "evaluate_or_reuse"]
+__all__ = ["RUNS_ENV", "ChapterSetup", "versions", "choose_setup", "run_dir_for", "train_or_reuse", "evaluate_or_reuse"]
 
 RUNS_ENV = "COVIDSEG_RUNS"
 """Folder holding the chapters' training runs (default ``runs`` beside the notebook), shared so that
@@ -118,98 +117,16 @@ def run_dir_for(config: TrainConfig, root: str | os.PathLike | None = None) -> P
     return root / f"{config.model}-{config.preset}"
 
 
-def code_fingerprint() -> str:
-    """A digest of the package's Python sources, subpackages included: runs trained by other code are not reused."""
-    digest = hashlib.sha256()
-    package = Path(__file__).parent
-    for path in sorted(package.rglob("*.py")):
-        digest.update(path.relative_to(package).as_posix().encode() + b"\0" + path.read_bytes())
-    return digest.hexdigest()[:16]
-
-
 def train_or_reuse(config: TrainConfig, data_dir, run_dir=None, progress: bool = True, reuse_other_code: bool = False):
-    """Train ``config`` on ``data_dir`` unless a finished run of the same config, data and code
-    exists; resume an unfinished one.
-
-    A run is identified by its config (less how fast and how long one call trains:
-    :meth:`~covidseg.config.TrainConfig.identity`), the identity of its data
-    (:func:`covidseg.sources.data_identity`) and the package's code (:func:`code_fingerprint`).
-    A run stopped by ``config.time_budget`` is not finished: the next call resumes it.
-    No run is ever deleted or written over: if ``run_dir`` holds a run of another identity (or
-    files that are no run), it is kept as it is, and the new run is trained beside it, in
-    ``<run_dir>-<digest of its identity>``, where the next call finds and reuses it.
-
-    Args:
-        config: The run's config.
-        data_dir: The dataset folder.
-        run_dir: The run folder (default :func:`run_dir_for`).
-        progress: Progress bars and messages.
-        reuse_other_code: Also reuse a finished run of the same config and data that other code
-            trained (e.g. a long run made before the package was updated); it says so.
+    """:func:`covidseg.runs.train_or_reuse` (train, resume or reuse a run by its identity) into
+    ``run_dir``, by default the chapters' :func:`run_dir_for`.
 
     Returns:
         ``(run_dir, history)``: the folder of the run used, and its history.
     """
-    from .errors import RunMismatchError
-    from .mosmed import annotated_studies
-    from .runs import folder_contents
-    from .sources import data_identity
-    from .splits import get_split
-    from .training import fit
+    from .runs import train_or_reuse as train_run
 
-    run_dir = Path(run_dir or run_dir_for(config))
-    split = get_split(config.split)
-    identity = {
-        "config": config.identity(),
-        "code": code_fingerprint(),
-        "data": data_identity(annotated_studies(data_dir, split.train + split.val)),
-    }
-    digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:8]
-    beside = run_dir.with_name(f"{run_dir.name}-{digest}")
-    for candidate in (run_dir, beside):
-        record = _finished_record(candidate)
-        differing = [key for key in identity if record is not None and record.get(key) != identity[key]]
-        if record is not None and (not differing or (reuse_other_code and differing == ["code"])):
-            if progress:
-                note = " (trained by other code, reused as asked)" if differing else ""
-                print(f"reusing the finished run in {candidate}{note}")
-            return candidate, json.loads((candidate / "history.json").read_text(encoding="utf-8"))
-
-    target = run_dir
-    record = _finished_record(run_dir)
-    if record is not None:
-        why = {"config": "another config", "code": "other code", "data": "other data"}
-        made = " and ".join(why[key] for key in identity if record.get(key) != identity[key]) or "an unknown identity"
-        target = _beside(run_dir, beside, f"it was trained with {made}")
-    elif folder_contents(run_dir) and not (run_dir / "last.pt").is_file():
-        target = _beside(run_dir, beside, "it holds files that are not a resumable run")
-    try:
-        result = fit(config, target, data_dir=data_dir, resume=(target / "last.pt").is_file(), progress=progress)
-    except RunMismatchError as exc:
-        if target == beside:
-            raise
-        target = _beside(run_dir, beside, f"its unfinished run does not match ({exc.problem})")
-        result = fit(config, target, data_dir=data_dir, resume=(target / "last.pt").is_file(), progress=progress)
-    if result.stopped_by_budget:  # not finished: the next call resumes it from last.pt
-        if progress:
-            print(f"the run in {target} stopped for its time budget; run this cell again to continue it")
-        return target, result.history
-    write_json(target / "finished.json", {**identity, "best_epoch": result.best_epoch, "card": result.card.to_dict()})
-    return target, result.history
-
-
-def _beside(run_dir: Path, beside: Path, why: str) -> Path:
-    print(f"the run in {run_dir} is kept as it is ({why}); training the new run beside it, in {beside}")
-    return beside
-
-
-def _finished_record(run_dir: Path) -> dict | None:
-    """The ``finished.json`` of a run folder, or ``None`` if it has none (or an unreadable one)."""
-    try:
-        record = json.loads((run_dir / "finished.json").read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError):
-        return None
-    return record if isinstance(record, dict) else None
+    return train_run(config, data_dir, Path(run_dir or run_dir_for(config)), progress, reuse_other_code)
 
 
 def evaluate_or_reuse(run_dir, data_dir, part: str = "test") -> dict:
@@ -218,6 +135,7 @@ def evaluate_or_reuse(run_dir, data_dir, part: str = "test") -> dict:
     package's code are unchanged: chapter 9 reuses the scores that chapters 5-8 computed.
     """
     from .evaluation import evaluate_run
+    from .runs import code_fingerprint
 
     run_dir = Path(run_dir)
     checkpoint = next((run_dir / name for name in ("best.pt", "last.pt") if (run_dir / name).is_file()), None)

@@ -8,12 +8,18 @@ trains, it holds an exclusive lock on the folder (:func:`run_lock`, with ``filel
 
 :func:`folder_lock` is that lock for any folder covidseg writes into: the dataset folder of
 ``covidseg download`` takes it too (there a second run waits for the first instead).
+
+:func:`train_or_reuse` trains a run, resumes an unfinished one or reuses a finished one, by the
+run's identity (its config, its data and the package's code, :func:`code_fingerprint`); the
+book's chapters and ``covidseg cv`` train through it.
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
+import json
 import os
 import socket
 from collections.abc import Callable, Iterator
@@ -22,9 +28,10 @@ from pathlib import Path
 from filelock import FileLock, Timeout
 
 from .errors import RunFolderError
-from .files import atomic_write, remove_stale_temporaries
+from .files import atomic_write, remove_stale_temporaries, write_json
 
-__all__ = ["RUN_FILES", "LOCK_NAME", "OWNER_NAME", "is_run_file", "folder_contents", "folder_lock", "run_lock"]
+__all__ = ["RUN_FILES", "LOCK_NAME", "OWNER_NAME", "is_run_file", "folder_contents", "folder_lock", "run_lock",
+           "code_fingerprint", "train_or_reuse"]
 
 RUN_FILES = ("config.json", "last.pt", "best.pt", "history.csv", "history.json", "finished.json")
 """The files of a run (and ``<part>-scores.json``, see :func:`is_run_file`)."""
@@ -155,3 +162,96 @@ def _holder(owner: Path) -> str:
         return owner.read_text(encoding="utf-8").strip() or "pid unknown"
     except (OSError, UnicodeDecodeError):
         return "pid unknown"
+
+
+def code_fingerprint() -> str:
+    """A digest of the package's Python sources, subpackages included: runs trained by other code are not reused."""
+    digest = hashlib.sha256()
+    package = Path(__file__).parent
+    for path in sorted(package.rglob("*.py")):
+        digest.update(path.relative_to(package).as_posix().encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def train_or_reuse(config, data_dir, run_dir: str | os.PathLike, progress: bool = True, reuse_other_code: bool = False):
+    """Train ``config`` on ``data_dir`` unless a finished run of the same config, data and code
+    exists; resume an unfinished one.
+
+    A run is identified by its config (less how fast and how long one call trains:
+    :meth:`~covidseg.config.TrainConfig.identity`), the identity of its data
+    (:func:`covidseg.sources.data_identity`) and the package's code (:func:`code_fingerprint`).
+    A run stopped by ``config.time_budget`` is not finished: the next call resumes it.
+    No run is ever deleted or written over: if ``run_dir`` holds a run of another identity (or
+    files that are no run), it is kept as it is, and the new run is trained beside it, in
+    ``<run_dir>-<digest of its identity>``, where the next call finds and reuses it.
+
+    Args:
+        config: The run's :class:`~covidseg.config.TrainConfig`.
+        data_dir: The dataset folder.
+        run_dir: The run folder.
+        progress: Progress bars and messages.
+        reuse_other_code: Also reuse a finished run of the same config and data that other code
+            trained (e.g. a long run made before the package was updated); it says so.
+
+    Returns:
+        ``(run_dir, history)``: the folder of the run used, and its history.
+    """
+    from .errors import RunMismatchError
+    from .mosmed import annotated_studies
+    from .sources import data_identity
+    from .splits import get_split
+    from .training import fit
+
+    run_dir = Path(run_dir)
+    split = get_split(config.split)
+    identity = {
+        "config": config.identity(),
+        "code": code_fingerprint(),
+        "data": data_identity(annotated_studies(data_dir, split.train + split.val)),
+    }
+    digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:8]
+    beside = run_dir.with_name(f"{run_dir.name}-{digest}")
+    for candidate in (run_dir, beside):
+        record = _finished_record(candidate)
+        differing = [key for key in identity if record is not None and record.get(key) != identity[key]]
+        if record is not None and (not differing or (reuse_other_code and differing == ["code"])):
+            if progress:
+                note = " (trained by other code, reused as asked)" if differing else ""
+                print(f"reusing the finished run in {candidate}{note}")
+            return candidate, json.loads((candidate / "history.json").read_text(encoding="utf-8"))
+
+    target = run_dir
+    record = _finished_record(run_dir)
+    if record is not None:
+        why = {"config": "another config", "code": "other code", "data": "other data"}
+        made = " and ".join(why[key] for key in identity if record.get(key) != identity[key]) or "an unknown identity"
+        target = _beside(run_dir, beside, f"it was trained with {made}")
+    elif folder_contents(run_dir) and not (run_dir / "last.pt").is_file():
+        target = _beside(run_dir, beside, "it holds files that are not a resumable run")
+    try:
+        result = fit(config, target, data_dir=data_dir, resume=(target / "last.pt").is_file(), progress=progress)
+    except RunMismatchError as exc:
+        if target == beside:
+            raise
+        target = _beside(run_dir, beside, f"its unfinished run does not match ({exc.problem})")
+        result = fit(config, target, data_dir=data_dir, resume=(target / "last.pt").is_file(), progress=progress)
+    if result.stopped_by_budget:  # not finished: the next call resumes it from last.pt
+        if progress:
+            print(f"the run in {target} stopped for its time budget; the next call continues it")
+        return target, result.history
+    write_json(target / "finished.json", {**identity, "best_epoch": result.best_epoch, "card": result.card.to_dict()})
+    return target, result.history
+
+
+def _beside(run_dir: Path, beside: Path, why: str) -> Path:
+    print(f"the run in {run_dir} is kept as it is ({why}); training the new run beside it, in {beside}")
+    return beside
+
+
+def _finished_record(run_dir: Path) -> dict | None:
+    """The ``finished.json`` of a run folder, or ``None`` if it has none (or an unreadable one)."""
+    try:
+        record = json.loads((run_dir / "finished.json").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        return None
+    return record if isinstance(record, dict) else None

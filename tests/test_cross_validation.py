@@ -28,9 +28,9 @@ from covidseg.sources import PHANTOM, REAL
 from covidseg.splits import MINISEG_FOLDS, mask_facts
 from covidseg.training import fit
 
-from conftest import MINISEG_PREDICTIONS, REAL_MASKS, REPO, write_lesion_everywhere_run
+from conftest import MINISEG_PREDICTIONS, REAL_MASKS, REPO, comparable, write_lesion_everywhere_run
 from test_cli import one_error_line
-from test_interrupt import read_history, strip, wait_for_epochs
+from test_interrupt import read_history, wait_for_epochs
 from test_miniseg_conformance import ALL_SLICES_MEAN, EMPTY_PREDICTIONS, FOLD_SLICE_MEANS, LESION_SLICES, PER_STUDY, PLACES, POOLED
 
 SIZE = 32
@@ -326,7 +326,7 @@ def test_killed_cv_resumes_the_unfinished_fold_and_reuses_the_finished(phantom, 
     resumed = read_history(out / "fold-2")
     assert resumed[: saved["epoch"] + 1] == saved["history"], "completed epochs are kept"
     reference = fit(CONFIG.replace(split="miniseg-fold-2", max_epochs=KILL_EPOCHS), tmp_path / "reference", data_dir=phantom, progress=False)
-    assert strip(resumed) == strip(reference.history), "the resumed fold continues exactly as an uninterrupted one"
+    assert comparable(resumed) == comparable(reference.history), "the resumed fold continues exactly as an uninterrupted one"
     report = json.loads((out / cv.REPORT_NAME).read_text())
     assert sorted(report["folds"]) == ["1", "2"] and len(report["per_study"]) == 20
 

@@ -65,11 +65,11 @@ def test_labels_match_the_recorded_digests():
 
 def test_the_code_fingerprint_covers_subpackages(tmp_path, monkeypatch):
     """Runs are reused by the code's fingerprint: a change inside ``covidseg/phantom/`` counts."""
-    from covidseg import notebook
+    from covidseg import runs
 
     (tmp_path / "phantom").mkdir()
     (tmp_path / "phantom" / "lesions.py").write_text("x = 1\n")
-    monkeypatch.setattr(notebook, "__file__", str(tmp_path / "notebook.py"))
-    before = notebook.code_fingerprint()
+    monkeypatch.setattr(runs, "__file__", str(tmp_path / "runs.py"))
+    before = runs.code_fingerprint()
     (tmp_path / "phantom" / "lesions.py").write_text("x = 2\n")
-    assert notebook.code_fingerprint() != before
+    assert runs.code_fingerprint() != before

@@ -59,7 +59,7 @@ def test_existing_run_is_not_overwritten_and_config_must_match(tiny50, tmp_path)
 
 
 def test_a_finished_run_is_reused_only_with_the_same_config_and_code(tiny50, tmp_path, monkeypatch, capsys):
-    from covidseg import notebook
+    from covidseg import notebook, runs
 
     config, run = tiny_config(max_epochs=1), tmp_path / "run"
     notebook.train_or_reuse(config, tiny50, run, progress=False)
@@ -70,7 +70,7 @@ def test_a_finished_run_is_reused_only_with_the_same_config_and_code(tiny50, tmp
     assert (run / "best.pt").read_bytes() == trained
 
     before = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
-    monkeypatch.setattr(notebook, "code_fingerprint", lambda: "other code")
+    monkeypatch.setattr(runs, "code_fingerprint", lambda: "other code")
     beside, history = notebook.train_or_reuse(config.replace(max_epochs=2), tiny50, run, progress=False)
     out = capsys.readouterr().out
     assert f"the run in {run} is kept as it is (it was trained with another config and other code)" in out
@@ -80,21 +80,21 @@ def test_a_finished_run_is_reused_only_with_the_same_config_and_code(tiny50, tmp
     again, history = notebook.train_or_reuse(config.replace(max_epochs=2), tiny50, run, progress=True)
     assert again == beside and len(history) == 2 and f"reusing the finished run in {beside}" in capsys.readouterr().out
     # Asked to, it reuses a run of the same config and data that other code trained, and says so.
-    monkeypatch.setattr(notebook, "code_fingerprint", lambda: "newer code")
+    monkeypatch.setattr(runs, "code_fingerprint", lambda: "newer code")
     again, _ = notebook.train_or_reuse(config, tiny50, run, progress=True, reuse_other_code=True)
     assert again == run and "trained by other code, reused as asked" in capsys.readouterr().out
     assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()} == before
 
 
 def test_the_code_fingerprint_follows_the_package_sources(tmp_path, monkeypatch):
-    from covidseg import notebook
+    from covidseg import runs
 
-    assert notebook.code_fingerprint() == notebook.code_fingerprint()
+    assert runs.code_fingerprint() == runs.code_fingerprint()
     (tmp_path / "a.py").write_text("x = 1\n")
-    monkeypatch.setattr(notebook, "__file__", str(tmp_path / "notebook.py"))
-    before = notebook.code_fingerprint()
+    monkeypatch.setattr(runs, "__file__", str(tmp_path / "runs.py"))
+    before = runs.code_fingerprint()
     (tmp_path / "a.py").write_text("x = 2\n")
-    assert notebook.code_fingerprint() != before
+    assert runs.code_fingerprint() != before
 
 
 def test_scores_are_reused_until_the_checkpoint_changes(tiny50, tmp_path, monkeypatch):
