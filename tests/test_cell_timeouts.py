@@ -65,6 +65,17 @@ def test_bounds_come_from_the_environment(monkeypatch):
         cell_timeouts.timeout_for(_cell())
 
 
+def test_nbval_cells_get_the_bounds_and_time_to_flush_their_outputs(monkeypatch):
+    from types import SimpleNamespace
+
+    monkeypatch.delenv("COVIDSEG_TRAINING_CELL_TIMEOUT", raising=False)
+    option = SimpleNamespace(nbval_cell_timeout=2000)
+    item = SimpleNamespace(cell=_cell(tags=["training"]), config=SimpleNamespace(option=option), output_timeout=5)
+    cell_timeouts.pytest_runtest_call(item)
+    assert option.nbval_cell_timeout == cell_timeouts.TRAINING_CELL_TIMEOUT_S
+    assert item.output_timeout == cell_timeouts.OUTPUT_FLUSH_TIMEOUT_S > 5
+
+
 def _env(**extra):
     env = {k: v for k, v in os.environ.items() if not k.startswith("COVIDSEG_")}
     env.update(MPLBACKEND="Agg", **extra)

@@ -28,6 +28,13 @@ TRAINING_CELL_TIMEOUT_S = 2400
 
 TRAINING_TAG = "training"
 
+OUTPUT_FLUSH_TIMEOUT_S = 60
+"""How long nbval may wait for a cell's remaining outputs once the kernel has replied. nbval's own
+bound is 5 s (``IPyNbCell.output_timeout``, fixed in its code); a cell that trained for minutes
+on a loaded 2-core machine, updating its progress display, once took longer than that to flush
+them (chapter 11, five folds), and nbval then failed the finished cell. A cell that never replies
+is still bounded by :func:`timeout_for`."""
+
 
 def _seconds(variable: str, default: int) -> int:
     text = os.environ.get(variable)
@@ -73,7 +80,10 @@ def setup(app):
 
 
 def pytest_runtest_call(item):
-    """nbval reads its cell timeout when the cell runs: set it from the cell's tags."""
+    """nbval reads its cell timeout when the cell runs: set it from the cell's tags, and give the
+    cell :data:`OUTPUT_FLUSH_TIMEOUT_S` to flush its outputs after the kernel's reply."""
     cell = getattr(item, "cell", None)
     if cell is not None and hasattr(item.config.option, "nbval_cell_timeout"):
         item.config.option.nbval_cell_timeout = timeout_for(cell)
+        if hasattr(item, "output_timeout"):
+            item.output_timeout = OUTPUT_FLUSH_TIMEOUT_S
