@@ -722,6 +722,7 @@ def format_report(report: Mapping) -> str:
     protocol named above each row, the paired test (or why there is none) and the run card."""
     ours, theirs = report["ours"], report["miniseg"]
     ours_label = f"{report['data']}, {report['image_size']} px"
+    ours_data = "real data" if report["data"] == REAL else "phantom"  # each column says which data it is on
     lines = [
         f"cross-validation on MiniSeg's folds: {report['model']}, {report['preset']} preset, {ours_label}",
         f"{'fold':>4}  {'test studies':>12}  {'epochs':>6}  {'best val Dice':>13}  {'ours *':>7}  {'MiniSeg *':>9}  run",
@@ -731,10 +732,11 @@ def format_report(report: Mapping) -> str:
         lines.append(f"{fold:>4}  {len(row['test_studies']):>12}  {row['epochs']:>6}  {row['best_val_dice']:>13.3f}  "
                      f"{means[0]:>7}  {means[1]:>9}  {row['run']}")
     lines += [
-        f"* mean {PROTOCOLS['study_lesion_slices']} over the fold's test studies; MiniSeg's on the real data",
+        f"* mean {PROTOCOLS['study_lesion_slices']} over the fold's test studies; ours on the {report['data']}, "
+        "MiniSeg's on the real data",
         "",
         f"out of fold: {len(report['per_study'])} studies, each predicted by the model of the fold that held it out",
-        f"  {'':34}{'ours':>24}{'MiniSeg (real data)':>24}",
+        f"  {'':34}{f'ours ({ours_data})':>24}{'MiniSeg (real data)':>24}",
     ]
     published = "not published"
     rows = {

@@ -220,6 +220,8 @@ def test_out_of_fold_scores_have_the_known_answer(everywhere_runs, phantom):
     text = cv.format_report(report)
     assert "NOT COMPARABLE" in text and "paired test not computed" in text
     assert f"{report['miniseg']['study_lesion_slices']['mean']:.3f}" in text and PHANTOM in text
+    assert "ours (phantom)     MiniSeg (real data)" in text, "each column of the out-of-fold table names its data"
+    assert f"ours on the {PHANTOM}, MiniSeg's on the real data" in text  # and the fold table's footnote
     assert all(protocol in text for protocol in cv.PROTOCOLS.values())
 
 
@@ -236,6 +238,7 @@ def test_paired_test_on_real_data_pairs_each_study(everywhere_runs, phantom, mon
     assert report["miniseg"]["lesion_slices"] == sum(mask_facts()[i]["lesion_slices"] for i in ids)  # the same 20 studies
     text = cv.format_report(report)
     assert "Wilcoxon signed-rank" in text and "NOT COMPARABLE" not in text and "not computed" not in text
+    assert "ours (real data)     MiniSeg (real data)" in text
 
 
 def test_studies_whose_lesions_vanish_at_the_image_size_leave_both_lesion_slice_columns(phantom, tmp_path):
