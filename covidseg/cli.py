@@ -37,6 +37,12 @@ PARTS = tuple(f.name for f in dataclasses.fields(Split) if f.name != "name")
 _REQUIRED = ("model",)
 """TrainConfig fields ``covidseg train`` asks for."""
 
+CV_TIME_BUDGET_HELP = ("minutes for this whole call: each fold trains in the minutes the folds before it left, stopping "
+                       "between epochs as 'covidseg train --time-budget' does (after at least one); no fold starts once "
+                       "they are spent, nothing is scored until every fold has finished, and the same command continues; "
+                       "none: no budget")
+"""The help of ``covidseg cv --time-budget``: one budget for all the folds of the call."""
+
 
 class _Parser(argparse.ArgumentParser):
     """An argument parser whose errors are one line, ``covidseg: error: ...``, like all others."""
@@ -90,18 +96,20 @@ def _whole_number(low: int, high: int):
     return parse
 
 
-def _add_config_flags(parser: argparse.ArgumentParser, exclude: tuple[str, ...] = ()) -> None:
+def _add_config_flags(parser: argparse.ArgumentParser, exclude: tuple[str, ...] = (), helps: dict[str, str] | None = None) -> None:
     """One flag per :class:`TrainConfig` field, its help and valid values from the field's metadata.
 
     A flag not given leaves no attribute (``argparse.SUPPRESS``): the preset's value stands.
-    Fields in ``exclude`` get no flag (the command sets them itself).
+    Fields in ``exclude`` get no flag (the command sets them itself); ``helps`` replaces the help
+    of fields that mean something else to this command.
     """
     for f in dataclasses.fields(TrainConfig):
         if f.name in _NOT_FLAGS or f.name in exclude:
             continue
         meta = f.metadata
         presets = ", ".join(f"{name}: {_shown(getattr(preset, f.name), meta)}" for name, preset in PRESETS.items())
-        options = {"dest": f.name, "default": argparse.SUPPRESS, "help": f"{meta['help']} (presets: {presets})"}
+        text = (helps or {}).get(f.name, meta["help"])
+        options = {"dest": f.name, "default": argparse.SUPPRESS, "help": f"{text} (presets: {presets})"}
         if field_type(f.name) is bool:
             options["action"] = argparse.BooleanOptionalAction
         elif "choices" in meta:
@@ -197,7 +205,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="folder of the fold runs (OUT/fold-K) and the report; the same command resumes it after an interruption")
     cv.add_argument("--folds", type=_folds, default=None, metavar="K-L|K,L,...", help="MiniSeg's folds to run (default: 1-5)")
     cv.add_argument("--preset", choices=sorted(PRESETS), default="thesis", help="the settings flags not given take (default: thesis)")
-    _add_config_flags(cv, exclude=("split",))
+    _add_config_flags(cv, exclude=("split",), helps={"time_budget": CV_TIME_BUDGET_HELP})
     cv.add_argument("--json", type=Path, default=None,
                     help="the JSON report (default OUT/cross-validation.json; a new file, or a report this command wrote)")
     cv.add_argument("--quiet", action="store_true", help="no progress bars or epoch lines")
@@ -298,10 +306,14 @@ def _screen(args) -> None:
 
 
 def _cv(args) -> None:
-    from .cross_validation import FOLDS, cross_validate, format_report
+    from .cross_validation import FOLDS, TimeBudgetSpent, cross_validate, format_report
 
     config = config_from_args(args)
-    report = cross_validate(config, args.out, args.folds or FOLDS, args.data, args.json, progress=not args.quiet)
+    try:
+        report = cross_validate(config, args.out, args.folds or FOLDS, args.data, args.json, progress=not args.quiet)
+    except TimeBudgetSpent as exc:
+        print(f"{exc}; continue with: {shlex.join(['covidseg', *args.argv])}")
+        return
     print(format_report(report))
 
 

@@ -47,7 +47,7 @@ from .errors import CovidsegError, DataError, RunFolderError
 from .files import check_output_file, read_json_object, write_json
 from .metrics import confusion_counts, dice, evaluate_studies, slice_dice
 from .mosmed import ANNOTATED_IDS, mask_path
-from .runs import describe_contents, folder_contents, is_run_file
+from .runs import describe_contents, folder_contents, is_finished, is_run_file
 from .run_card import RunCard
 from .sources import REAL, data_source, resolve_data_dir
 from .splits import MINISEG_FOLDS
@@ -65,6 +65,7 @@ __all__ = [
     "train_folds",
     "score_out_of_fold",
     "cross_validate",
+    "TimeBudgetSpent",
     "format_report",
     "is_report",
     "miniseg_per_study",
@@ -102,6 +103,10 @@ PROTOCOLS = {
 
 PAIRED_TEST = "Wilcoxon signed-rank, two-sided (scipy.stats.wilcoxon)"
 """The paired test of the per-study pairs (ours, MiniSeg's), over the lesion slices."""
+
+_now = time.time
+"""The clock of the time budget of :func:`train_folds`: wall-clock seconds, the same in the
+worker processes (tests replace it)."""
 
 _BESIDE = re.compile(r"^fold-[1-5](-[0-9a-f]{8})?$")
 """Folders a cross-validation holds: ``fold-K``, and ``fold-K-<digest>`` where
@@ -204,15 +209,29 @@ def check_out_folder(out: str | os.PathLike) -> Path:
 # --------------------------------------------------------------------------- training
 
 
-def _train_sequentially(config, out: Path, folds: Sequence[int], data_dir: Path, progress: bool) -> dict[int, tuple]:
-    """Train (or reuse, or resume) each fold in turn; fold -> ``(run folder, history)``."""
+def _train_sequentially(config, out: Path, folds: Sequence[int], data_dir: Path, progress: bool,
+                        deadline: float | None = None) -> dict[int, tuple]:
+    """Train (or reuse, or resume) each fold in turn; fold -> ``(run folder, history)``.
+
+    With a ``deadline`` (:data:`_now` seconds), each fold trains with the minutes left as its
+    time budget; no fold starts after the deadline, and a fold its budget stopped ends the loop:
+    the folds after it are not in the result.
+    """
     from .runs import train_or_reuse
 
     runs = {}
     for fold in folds:
+        fold_config = config.replace(split=fold_split(fold))
+        if deadline is not None:
+            left = deadline - _now()
+            if left <= 0:
+                break
+            fold_config = fold_config.replace(time_budget=left / 60)
         if progress:
             print(f"fold {fold}: {fold_split(fold)} in {fold_dir(out, fold)}")
-        runs[fold] = train_or_reuse(config.replace(split=fold_split(fold)), data_dir, fold_dir(out, fold), progress=progress)
+        runs[fold] = train_or_reuse(fold_config, data_dir, fold_dir(out, fold), progress=progress)
+        if not is_finished(runs[fold][0]):  # its time budget stopped it
+            break
     return runs
 
 
@@ -232,8 +251,10 @@ def _visible_device(index: int) -> str:
     return visible[index % len(visible)] if visible else str(index)
 
 
-def _worker(index: int, visible: str | None, config_dict: dict, out: str, folds: tuple, data_dir: str, progress: bool, results) -> None:
-    """One process's folds (spawned by :func:`train_folds`); puts ``(index, status, value)`` on ``results``.
+def _worker(index: int, visible: str | None, config_dict: dict, out: str, folds: tuple, data_dir: str, progress: bool,
+            deadline: float | None, results) -> None:
+    """One process's folds (spawned by :func:`train_folds`); puts ``(index, status, value)`` on
+    ``results``: ``value`` is the folds that finished where ``status`` is ``'done'``, else a message.
 
     ``CUDA_VISIBLE_DEVICES`` is set before anything here touches CUDA, so ``device='auto'`` (and
     the run's identity, which holds the config's device) is the same in every worker.
@@ -243,8 +264,9 @@ def _worker(index: int, visible: str | None, config_dict: dict, out: str, folds:
     from .config import TrainConfig
 
     try:
-        _train_sequentially(TrainConfig.from_dict(config_dict), Path(out), folds, Path(data_dir), progress)
-        results.put((index, "done", ""))  # a few bytes: the pipe never fills before the parent reads it
+        runs = _train_sequentially(TrainConfig.from_dict(config_dict), Path(out), folds, Path(data_dir), progress, deadline)
+        finished = tuple(fold for fold, (run, _) in runs.items() if is_finished(run))
+        results.put((index, "done", finished))  # a few bytes: the pipe never fills before the parent reads it
     except KeyboardInterrupt as exc:
         results.put((index, "interrupted", str(exc)))
     except CovidsegError as exc:
@@ -253,9 +275,10 @@ def _worker(index: int, visible: str | None, config_dict: dict, out: str, folds:
         results.put((index, "bug", f"{type(exc).__name__}: {' '.join(str(exc).split())[:300]}"))
 
 
-def _train_in_parallel(config, out: Path, shares, data_dir: Path, progress: bool, cuda: bool) -> None:
-    """One spawned process per share of folds; Ctrl-C reaches every worker, each keeps its last
-    completed epoch, and the interruption is raised here once all have stopped."""
+def _train_in_parallel(config, out: Path, shares, data_dir: Path, progress: bool, cuda: bool, deadline: float | None) -> set[int]:
+    """One spawned process per share of folds; return the folds that finished (all of them,
+    unless the time budget ran out). Ctrl-C reaches every worker, each keeps its last completed
+    epoch, and the interruption is raised here once all have stopped."""
     import multiprocessing
     import signal
 
@@ -267,7 +290,7 @@ def _train_in_parallel(config, out: Path, shares, data_dir: Path, progress: bool
         if progress:
             where = f"GPU {visible}" if cuda else f"worker {index + 1}"
             print(f"{where}: folds {', '.join(map(str, folds))}")
-        args = (index, visible, config.to_dict(), str(out), folds, str(data_dir), progress, results)
+        args = (index, visible, config.to_dict(), str(out), folds, str(data_dir), progress, deadline, results)
         workers.append(context.Process(target=_worker, args=args, name=f"covidseg-cv-{index}"))
     try:
         for worker in workers:
@@ -285,6 +308,7 @@ def _train_in_parallel(config, out: Path, shares, data_dir: Path, progress: bool
     while not results.empty():
         index, status, value = results.get()
         outcomes[index] = (status, value)
+    finished = set()
     for index, worker in enumerate(workers):
         status, value = outcomes.get(index, ("bug", f"worker {index + 1} ended with exit status {worker.exitcode} and no result"))
         if status == "interrupted":
@@ -293,12 +317,19 @@ def _train_in_parallel(config, out: Path, shares, data_dir: Path, progress: bool
             raise CovidsegError(None, value)
         if status != "done":
             raise RuntimeError(value)
+        finished.update(value)
+    return finished
 
 
 def train_folds(config, out: str | os.PathLike, folds: Sequence[int] = FOLDS, data_dir: str | os.PathLike | None = None,
                 progress: bool = True, devices: int | None = None) -> dict[int, tuple[Path, list[dict]]]:
     """Train each chosen fold of ``config`` into ``OUT/fold-K``, reusing finished and resuming
     interrupted folds (:func:`covidseg.runs.train_or_reuse`).
+
+    ``config.time_budget`` (minutes) is the budget of this whole call, counted from its start:
+    each fold trains with the minutes the folds before it left (stopping between epochs, after at
+    least one, as :func:`covidseg.training.fit` does), no fold starts once they are spent, and a
+    fold the budget stopped ends the training of the folds after it (on each device).
 
     Args:
         config: The :class:`~covidseg.config.TrainConfig`; its ``split`` is replaced per fold.
@@ -312,23 +343,28 @@ def train_folds(config, out: str | os.PathLike, folds: Sequence[int] = FOLDS, da
 
     Returns:
         Fold -> ``(run_dir, history)``: the run folder used (``OUT/fold-K``, or beside it where a
-        run of another identity was kept there) and its history (one dict per epoch).
+        run of another identity was kept there) and its history (one dict per epoch). Every
+        chosen fold is there, finished, unless the time budget ran out: then the folds not
+        started are missing and the one it stopped is not finished
+        (:func:`covidseg.runs.is_finished`).
 
     Raises:
         CovidsegError: As :func:`covidseg.training.fit`, from any fold.
         KeyboardInterrupt: On Ctrl-C (:class:`~covidseg.training.TrainingInterrupted` on one
             device); each fold keeps its last completed epoch.
     """
+    deadline = None if config.time_budget is None else _now() + config.time_budget * 60
     folds = _checked_folds(folds)
     out = Path(out)
     data_dir = resolve_data_dir(data_dir, phantom_size=config.image_size, progress=progress)
     count = parallel_devices(config.device) if devices is None else devices
     shares = assign_folds(folds, count)
     if len(shares) <= 1:
-        return _train_sequentially(config, out, folds, data_dir, progress)
+        return _train_sequentially(config, out, folds, data_dir, progress, deadline)
     cuda = config.device in ("auto", "cuda") and parallel_devices(config.device) > 1
-    _train_in_parallel(config, out, shares, data_dir, progress, cuda)
-    return _train_sequentially(config, out, folds, data_dir, progress)  # each fold is finished now: this finds and reuses it
+    finished = _train_in_parallel(config, out, shares, data_dir, progress, cuda, deadline)
+    # Every fold is finished now, unless the time budget ran out: this finds and reuses the finished ones.
+    return _train_sequentially(config, out, [fold for fold in folds if fold in finished], data_dir, progress)
 
 
 # --------------------------------------------------------------------------- MiniSeg's scores
@@ -610,6 +646,9 @@ def cross_validate(config, out: str | os.PathLike, folds: Sequence[int] = FOLDS,
         the call (training, or reusing, and scoring).
 
     Raises:
+        TimeBudgetSpent: If ``config.time_budget`` (minutes for the whole call, see
+            :func:`train_folds`) ran out before every chosen fold had finished; nothing is scored
+            or written, and the same call continues.
         DataError, RunFolderError: If ``out`` or ``json_path`` cannot take the results
             (:func:`check_out_folder`; an existing ``json_path`` that is not such a report);
             checked before any work, and nothing is changed.
@@ -625,10 +664,39 @@ def cross_validate(config, out: str | os.PathLike, folds: Sequence[int] = FOLDS,
     check_output_file(json_path, REPORT_NAME, is_report)
     data_dir = resolve_data_dir(data_dir, phantom_size=config.image_size, progress=progress)
     runs = train_folds(config, out, folds, data_dir, progress, devices)
+    finished = [fold for fold in folds if fold in runs and is_finished(runs[fold][0])]
+    if config.time_budget is not None and len(finished) < len(folds):
+        raise TimeBudgetSpent(config.time_budget, finished, [fold for fold in folds if fold not in finished])
     report = score_out_of_fold(runs, data_dir, config.device, progress)
     report["run_card"]["seconds"] = time.perf_counter() - started  # training (or reusing) and scoring
     write_json(json_path, report)
     return report
+
+
+class TimeBudgetSpent(Exception):
+    """The time budget of :func:`cross_validate` ran out before every chosen fold had finished.
+
+    Nothing is scored: out-of-fold scores need every fold. The finished folds are kept and reused
+    by the next call, and an unfinished one resumes from its ``last.pt``, so the same call
+    continues where this one stopped.
+
+    Attributes:
+        minutes: The budget, in minutes.
+        finished: The folds that have finished training.
+        unfinished: The folds that have not: stopped by the budget, or not started.
+    """
+
+    def __init__(self, minutes: float, finished: Sequence[int], unfinished: Sequence[int]):
+        self.minutes, self.finished, self.unfinished = minutes, tuple(finished), tuple(unfinished)
+        done = f"{_naming(self.finished)} finished" if self.finished else "no fold finished"
+        super().__init__(f"the time budget of {minutes:g} min ran out before every fold had finished: {done}, "
+                         f"{_naming(self.unfinished)} not yet (each keeps its last completed epoch); "
+                         "nothing is scored until every fold has finished")
+
+
+def _naming(folds: Sequence[int]) -> str:
+    """'fold 3' or 'folds 3, 4, 5'."""
+    return f"{'fold' if len(folds) == 1 else 'folds'} {', '.join(map(str, folds))}"
 
 
 def is_report(path: str | os.PathLike) -> bool:
@@ -654,6 +722,7 @@ def format_report(report: Mapping) -> str:
     protocol named above each row, the paired test (or why there is none) and the run card."""
     ours, theirs = report["ours"], report["miniseg"]
     ours_label = f"{report['data']}, {report['image_size']} px"
+    ours_data = "real data" if report["data"] == REAL else "phantom"  # each column says which data it is on
     lines = [
         f"cross-validation on MiniSeg's folds: {report['model']}, {report['preset']} preset, {ours_label}",
         f"{'fold':>4}  {'test studies':>12}  {'epochs':>6}  {'best val Dice':>13}  {'ours *':>7}  {'MiniSeg *':>9}  run",
@@ -663,10 +732,11 @@ def format_report(report: Mapping) -> str:
         lines.append(f"{fold:>4}  {len(row['test_studies']):>12}  {row['epochs']:>6}  {row['best_val_dice']:>13.3f}  "
                      f"{means[0]:>7}  {means[1]:>9}  {row['run']}")
     lines += [
-        f"* mean {PROTOCOLS['study_lesion_slices']} over the fold's test studies; MiniSeg's on the real data",
+        f"* mean {PROTOCOLS['study_lesion_slices']} over the fold's test studies; ours on the {report['data']}, "
+        "MiniSeg's on the real data",
         "",
         f"out of fold: {len(report['per_study'])} studies, each predicted by the model of the fold that held it out",
-        f"  {'':34}{'ours':>24}{'MiniSeg (real data)':>24}",
+        f"  {'':34}{f'ours ({ours_data})':>24}{'MiniSeg (real data)':>24}",
     ]
     published = "not published"
     rows = {

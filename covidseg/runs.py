@@ -31,7 +31,7 @@ from .errors import RunFolderError
 from .files import atomic_write, remove_stale_temporaries, write_json
 
 __all__ = ["RUN_FILES", "LOCK_NAME", "OWNER_NAME", "is_run_file", "folder_contents", "folder_lock", "run_lock",
-           "code_fingerprint", "train_or_reuse"]
+           "code_fingerprint", "train_or_reuse", "is_finished"]
 
 RUN_FILES = ("config.json", "last.pt", "best.pt", "history.csv", "history.json", "finished.json")
 """The files of a run (and ``<part>-scores.json``, see :func:`is_run_file`)."""
@@ -194,7 +194,14 @@ def train_or_reuse(config, data_dir, run_dir: str | os.PathLike, progress: bool 
             trained (e.g. a long run made before the package was updated); it says so.
 
     Returns:
-        ``(run_dir, history)``: the folder of the run used, and its history.
+        ``(run_dir, history)``: the folder of the run used, and its history (one dict per
+        epoch); :func:`is_finished` tells whether the run ended or its time budget stopped it.
+
+    Raises:
+        CovidsegError: As :func:`covidseg.training.fit` (a run folder held by another process,
+            a diverged run, data that cannot be read, ...).
+        KeyboardInterrupt: On Ctrl-C (:class:`~covidseg.training.TrainingInterrupted`); the
+            run keeps its last completed epoch.
     """
     from .errors import RunMismatchError
     from .mosmed import annotated_studies
@@ -246,6 +253,13 @@ def train_or_reuse(config, data_dir, run_dir: str | os.PathLike, progress: bool 
 def _beside(run_dir: Path, beside: Path, why: str) -> Path:
     print(f"the run in {run_dir} is kept as it is ({why}); training the new run beside it, in {beside}")
     return beside
+
+
+def is_finished(run_dir: str | os.PathLike) -> bool:
+    """Whether ``run_dir`` holds a finished run: one :func:`train_or_reuse` trained to its end
+    (early stopping or the epoch limit) and recorded in ``finished.json``. A run stopped by its
+    time budget, or interrupted, is not finished: its ``last.pt`` resumes it."""
+    return _finished_record(Path(run_dir)) is not None
 
 
 def _finished_record(run_dir: Path) -> dict | None:

@@ -220,6 +220,8 @@ def test_out_of_fold_scores_have_the_known_answer(everywhere_runs, phantom):
     text = cv.format_report(report)
     assert "NOT COMPARABLE" in text and "paired test not computed" in text
     assert f"{report['miniseg']['study_lesion_slices']['mean']:.3f}" in text and PHANTOM in text
+    assert "ours (phantom)     MiniSeg (real data)" in text, "each column of the out-of-fold table names its data"
+    assert f"ours on the {PHANTOM}, MiniSeg's on the real data" in text  # and the fold table's footnote
     assert all(protocol in text for protocol in cv.PROTOCOLS.values())
 
 
@@ -236,6 +238,7 @@ def test_paired_test_on_real_data_pairs_each_study(everywhere_runs, phantom, mon
     assert report["miniseg"]["lesion_slices"] == sum(mask_facts()[i]["lesion_slices"] for i in ids)  # the same 20 studies
     text = cv.format_report(report)
     assert "Wilcoxon signed-rank" in text and "NOT COMPARABLE" not in text and "not computed" not in text
+    assert "ours (real data)     MiniSeg (real data)" in text
 
 
 def test_studies_whose_lesions_vanish_at_the_image_size_leave_both_lesion_slice_columns(phantom, tmp_path):
@@ -302,6 +305,35 @@ def test_ctrl_c_says_what_is_kept_and_how_to_continue(phantom, tmp_path, capsys,
     assert (tmp_path / "cv" / "fold-1" / "finished.json").is_file() and not (tmp_path / "cv" / "fold-2" / "last.pt").exists()
 
 
+def test_time_budget_is_for_the_whole_call_and_nothing_is_scored_before_every_fold_finished(phantom, tmp_path, capsys, monkeypatch):
+    # The budget's clock: 1 minute from the start of the call, 1 microsecond of it left when fold 1
+    # starts (so its fit stops after one epoch), spent before fold 2 could start.
+    clock = iter([0.0, 60.0 - 1e-6])
+    monkeypatch.setattr(cv, "_now", lambda: next(clock, 61.0))
+    out = tmp_path / "cv"
+    args = ["cv", "--data", str(phantom), "--out", str(out), *SMALLEST, "--folds", "1-2", "--max-epochs", "2", "--time-budget", "1"]
+    continue_with = f"; continue with: covidseg {' '.join(args)}"
+    budget = "the time budget of 1 min ran out before every fold had finished: "
+    rest = " not yet (each keeps its last completed epoch); nothing is scored until every fold has finished"
+
+    assert main(args) == 0
+    assert capsys.readouterr().out.strip().splitlines()[-1] == f"{budget}no fold finished, folds 1, 2{rest}{continue_with}"
+    assert len(read_history(out / "fold-1")) == 1 and not (out / "fold-1" / "finished.json").exists()
+    assert not (out / "fold-2").exists(), "no fold starts once the call's budget is spent"
+    assert not (out / cv.REPORT_NAME).exists()
+
+    clock = iter([0.0, 60.0 - 1e-6])  # the same command again: fold 1 resumes and trains its last epoch
+    assert main(args) == 0
+    assert capsys.readouterr().out.strip().splitlines()[-1] == f"{budget}fold 1 finished, fold 2{rest}{continue_with}"
+    assert len(read_history(out / "fold-1")) == 2 and (out / "fold-1" / "finished.json").is_file()
+    assert not (out / "fold-2").exists() and not (out / cv.REPORT_NAME).exists()
+
+    finished = fingerprint(out / "fold-1")
+    assert main(args[:-2]) == 0  # without a budget: fold 1 is reused, fold 2 trained, and the folds scored
+    assert fingerprint(out / "fold-1") == finished
+    assert len(read_history(out / "fold-2")) == 2 and sorted(json.loads((out / cv.REPORT_NAME).read_text())["folds"]) == ["1", "2"]
+
+
 def _start_cv(phantom: Path, out: Path, logs: Path, *extra) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     args = [sys.executable, "-m", "covidseg", "cv", "--data", str(phantom), "--out", str(out), *SMALLEST, *extra]
@@ -340,3 +372,11 @@ def test_two_worker_processes_on_the_cpu(phantom, tmp_path):
     before = {fold: fingerprint(run) for fold, (run, _) in runs.items()}
     again = cv.train_folds(config, tmp_path / "cv", folds=(4, 5), data_dir=phantom, progress=False, devices=1)
     assert {fold: fingerprint(run) for fold, (run, _) in again.items()} == before  # what the workers trained, one process reuses
+
+
+@pytest.mark.slow
+def test_worker_processes_start_no_fold_once_the_budget_is_spent(phantom, tmp_path):
+    # 6 ms of budget from the start of the call: spent before a spawned worker has imported torch.
+    config = CONFIG.replace(max_epochs=1, device="cpu", time_budget=1e-4)
+    assert cv.train_folds(config, tmp_path / "cv", folds=(4, 5), data_dir=phantom, progress=False, devices=2) == {}
+    assert not (tmp_path / "cv" / "fold-4").exists() and not (tmp_path / "cv" / "fold-5").exists()
