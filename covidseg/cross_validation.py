@@ -667,6 +667,8 @@ def cross_validate(config, out: str | os.PathLike, folds: Sequence[int] = FOLDS,
     finished = [fold for fold in folds if fold in runs and is_finished(runs[fold][0])]
     if config.time_budget is not None and len(finished) < len(folds):
         raise TimeBudgetSpent(config.time_budget, finished, [fold for fold in folds if fold not in finished])
+    if progress:
+        print("scoring out of fold: the test studies of each fold predicted by its model, then the bootstrap intervals")
     report = score_out_of_fold(runs, data_dir, config.device, progress)
     report["run_card"]["seconds"] = time.perf_counter() - started  # training (or reusing) and scoring
     write_json(json_path, report)
