@@ -38,9 +38,9 @@ _REQUIRED = ("model",)
 """TrainConfig fields ``covidseg train`` asks for."""
 
 CV_TIME_BUDGET_HELP = ("minutes for this whole call: each fold trains in the minutes the folds before it left, stopping "
-                       "between epochs as 'covidseg train --time-budget' does (after at least one); no fold starts once "
-                       "they are spent, nothing is scored until every fold has finished, and the same command continues; "
-                       "none: no budget")
+                       "between epochs as 'covidseg train --time-budget' does; at least one epoch is trained, no other "
+                       "fold starts once the minutes are spent, nothing is scored until every fold has finished, and "
+                       "the same command continues; none: no budget")
 """The help of ``covidseg cv --time-budget``: one budget for all the folds of the call."""
 
 

@@ -214,25 +214,34 @@ def _train_sequentially(config, out: Path, folds: Sequence[int], data_dir: Path,
     """Train (or reuse, or resume) each fold in turn; fold -> ``(run folder, history)``.
 
     With a ``deadline`` (:data:`_now` seconds), each fold trains with the minutes left as its
-    time budget; no fold starts after the deadline, and a fold its budget stopped ends the loop:
-    the folds after it are not in the result.
+    time budget, and a fold its budget stopped ends the loop: the folds after it are not in the
+    result. After the deadline no fold starts, except the first this call trains: like
+    :func:`covidseg.training.fit`, a call trains at least one epoch, so that calls with a budget
+    too short for anything else still make progress.
     """
     from .runs import train_or_reuse
 
-    runs = {}
+    runs, trained = {}, False
     for fold in folds:
         fold_config = config.replace(split=fold_split(fold))
         if deadline is not None:
             left = deadline - _now()
-            if left <= 0:
+            if left <= 0 and trained:
                 break
-            fold_config = fold_config.replace(time_budget=left / 60)
+            fold_config = fold_config.replace(time_budget=max(left, _SPENT) / 60)
         if progress:
             print(f"fold {fold}: {fold_split(fold)} in {fold_dir(out, fold)}")
+        reused = is_finished(fold_dir(out, fold))  # (or a finished run of another identity, kept: this one trains beside it)
         runs[fold] = train_or_reuse(fold_config, data_dir, fold_dir(out, fold), progress=progress)
+        trained = trained or not reused
         if not is_finished(runs[fold][0]):  # its time budget stopped it
             break
     return runs
+
+
+_SPENT = 1e-3
+"""The budget, in seconds, of a fold that starts after the deadline (the call's first to train):
+less than any epoch, so :func:`covidseg.training.fit` trains one and stops."""
 
 
 def parallel_devices(device: str) -> int:
@@ -328,8 +337,9 @@ def train_folds(config, out: str | os.PathLike, folds: Sequence[int] = FOLDS, da
 
     ``config.time_budget`` (minutes) is the budget of this whole call, counted from its start:
     each fold trains with the minutes the folds before it left (stopping between epochs, after at
-    least one, as :func:`covidseg.training.fit` does), no fold starts once they are spent, and a
-    fold the budget stopped ends the training of the folds after it (on each device).
+    least one, as :func:`covidseg.training.fit` does), a fold the budget stopped ends the training
+    of the folds after it, and no fold starts once the minutes are spent, except the first fold to
+    train (on each device): a call trains at least one epoch.
 
     Args:
         config: The :class:`~covidseg.config.TrainConfig`; its ``split`` is replaced per fold.
@@ -667,6 +677,8 @@ def cross_validate(config, out: str | os.PathLike, folds: Sequence[int] = FOLDS,
     finished = [fold for fold in folds if fold in runs and is_finished(runs[fold][0])]
     if config.time_budget is not None and len(finished) < len(folds):
         raise TimeBudgetSpent(config.time_budget, finished, [fold for fold in folds if fold not in finished])
+    if progress:
+        print("scoring out of fold: the test studies of each fold predicted by its model, then the bootstrap intervals")
     report = score_out_of_fold(runs, data_dir, config.device, progress)
     report["run_card"]["seconds"] = time.perf_counter() - started  # training (or reusing) and scoring
     write_json(json_path, report)

@@ -334,6 +334,15 @@ def test_time_budget_is_for_the_whole_call_and_nothing_is_scored_before_every_fo
     assert len(read_history(out / "fold-2")) == 2 and sorted(json.loads((out / cv.REPORT_NAME).read_text())["folds"]) == ["1", "2"]
 
 
+def test_a_budget_spent_before_the_first_fold_still_trains_one_epoch(phantom, tmp_path, capsys, monkeypatch):
+    clock = iter([0.0])  # the call starts at 0, and its 1 minute is spent by the time fold 1 could start
+    monkeypatch.setattr(cv, "_now", lambda: next(clock, 61.0))
+    out = tmp_path / "cv"
+    assert main(["cv", "--data", str(phantom), "--out", str(out), *SMALLEST, "--folds", "1-2", "--max-epochs", "2", "--time-budget", "1"]) == 0
+    assert "no fold finished, folds 1, 2 not yet" in capsys.readouterr().out
+    assert len(read_history(out / "fold-1")) == 1 and not (out / "fold-2").exists(), "one epoch, as covidseg train trains at least one"
+
+
 def _start_cv(phantom: Path, out: Path, logs: Path, *extra) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     args = [sys.executable, "-m", "covidseg", "cv", "--data", str(phantom), "--out", str(out), *SMALLEST, *extra]
@@ -375,8 +384,9 @@ def test_two_worker_processes_on_the_cpu(phantom, tmp_path):
 
 
 @pytest.mark.slow
-def test_worker_processes_start_no_fold_once_the_budget_is_spent(phantom, tmp_path):
+def test_worker_processes_share_the_budget_and_each_trains_at_least_one_epoch(phantom, tmp_path):
     # 6 ms of budget from the start of the call: spent before a spawned worker has imported torch.
-    config = CONFIG.replace(max_epochs=1, device="cpu", time_budget=1e-4)
-    assert cv.train_folds(config, tmp_path / "cv", folds=(4, 5), data_dir=phantom, progress=False, devices=2) == {}
-    assert not (tmp_path / "cv" / "fold-4").exists() and not (tmp_path / "cv" / "fold-5").exists()
+    config = CONFIG.replace(max_epochs=2, device="cpu", time_budget=1e-4)
+    assert cv.train_folds(config, tmp_path / "cv", folds=(3, 4, 5), data_dir=phantom, progress=False, devices=2) == {}
+    assert [len(read_history(tmp_path / "cv" / f"fold-{fold}")) for fold in (3, 4)] == [1, 1]  # each worker's first fold
+    assert not (tmp_path / "cv" / "fold-5").exists(), "worker 1's second fold does not start"
