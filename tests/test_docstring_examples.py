@@ -13,11 +13,6 @@ import covidseg
 WITH_EXAMPLE = ("build_model", "evaluate_studies", "load_volume", "fit", "predict_file")
 """Entry points whose docstring must show an ``Example::``."""
 
-# An entry point whose example is written on another branch is expected to lack one until it is
-# merged; strict=True makes the test fail once it has one, as a reminder to remove it from this set.
-NOT_MERGED_YET: set[str] = set()
-
-
 def doctests(name: str) -> list[doctest.DocTest]:
     """The doctests of entry point ``name`` (and, for a class, of its methods)."""
     module = importlib.import_module(f"covidseg.{covidseg._ENTRY_POINTS[name]}")
@@ -37,11 +32,7 @@ def test_the_examples_run(name, tmp_path, monkeypatch):
     assert runner.failures == 0, "".join(report)
 
 
-@pytest.mark.parametrize(
-    "name",
-    [pytest.param(n, marks=pytest.mark.xfail(strict=True, reason="example not merged yet")) if n in NOT_MERGED_YET else n
-     for n in WITH_EXAMPLE],
-)
+@pytest.mark.parametrize("name", WITH_EXAMPLE)
 def test_first_entry_points_show_an_example(name):
     tests = doctests(name)
     assert "Example::" in (tests[0].docstring if tests else ""), f"{name} has no Example:: section"
